@@ -1,0 +1,1 @@
+"""Reusable Flax NNX layers. Importing this package never imports TensorFlow or gin."""

@@ -1,0 +1,1 @@
+"""Decoder language models composed from engram_jax.layers."""
