@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+LOOKUPS = ("take", "shard_map", "all_to_all")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngramConfig:
-  """Shape of the Engram module; the defaults follow the paper and its demo at small scale."""
+  """Shape of the Engram module; the defaults follow the paper and its demo at small scale.
+
+  Checked at construction (ValueError naming the field); checks that need d_model or the vocabulary run in
+  `build_engram_layers`.
+  """
 
   max_ngram: int = 3  # N: suffix n-grams of orders 2..N are hashed (paper: {2, 3}).
   heads_per_order: int = 8  # K: hash heads per order, each with its own prime-sized table.
@@ -20,3 +26,53 @@ class EngramConfig:
   lookup: str = "take"  # Table lookup strategy: 'take' (GSPMD), 'shard_map' (masked local gather + psum), 'all_to_all'.
   all_to_all_capacity_factor: float = 2.0  # Only for lookup='all_to_all': slots per shard relative to a uniform split.
   table_init_std: float = 1.0  # Rows ~ N(0, std^2) (demo uses nn.Embedding's default init).
+  memory_dim: int | None = None  # Optional check: total retrieved width (N - 1) * K * head_dim (paper: 1280 = 16 x 80).
+  pad_id: int = 0  # RAW vocabulary id whose compressed id fills positions before a sequence / document start.
+  table_row_multiple: int = 1024  # Flat table rows are padded up to a multiple of this (and of the mesh's row shards).
+  norm_eps: float = 1e-6  # RMSNorm epsilon of the gate and conv norms.
+
+  def __post_init__(self):
+    def bad(field, why):
+      raise ValueError(f"EngramConfig.{field}={getattr(self, field)!r}: {why}")
+
+    if self.max_ngram < 2:
+      bad("max_ngram", "must be >= 2 (n-grams of orders 2..max_ngram are hashed)")
+    if self.heads_per_order < 1:
+      bad("heads_per_order", "must be >= 1")
+    if self.head_dim < 1:
+      bad("head_dim", "must be >= 1")
+    if len(self.table_base_sizes) != self.max_ngram - 1:
+      bad("table_base_sizes", f"needs one base size per order 2..{self.max_ngram}, i.e. {self.max_ngram - 1} values")
+    if any(int(b) < 2 for b in self.table_base_sizes):
+      bad("table_base_sizes", "every base size must be >= 2 (each head's table has a prime number of rows)")
+    if self.hash_bits == 32 and max(self.table_base_sizes) >= 2**31:
+      bad("table_base_sizes", "32-bit hashing needs primes < 2^31; use smaller tables or hash_bits=64")
+    if self.kernel_size < 1:
+      bad("kernel_size", "must be >= 1")
+    if self.num_branches < 1:
+      bad("num_branches", "must be >= 1 (1 = plain residual stream)")
+    if self.hash_bits not in (32, 64):
+      bad("hash_bits", "must be 32 (uint32, TPU-safe) or 64 (the demo's int64 hashing; needs jax x64)")
+    if self.lookup not in LOOKUPS:
+      bad("lookup", f"must be one of {LOOKUPS}")
+    if self.all_to_all_capacity_factor <= 0:
+      bad("all_to_all_capacity_factor", "must be > 0")
+    if self.table_init_std <= 0:
+      bad("table_init_std", "must be > 0")
+    if self.memory_dim is not None and self.memory_dim != self.num_heads * self.head_dim:
+      bad("memory_dim", f"must equal (max_ngram - 1) * heads_per_order * head_dim = {self.num_heads * self.head_dim}; "
+          "change head_dim or leave memory_dim None")
+    if self.pad_id < 0:
+      bad("pad_id", "must be a raw vocabulary id >= 0")
+    if self.table_row_multiple < 1:
+      bad("table_row_multiple", "must be >= 1")
+
+  @property
+  def num_heads(self) -> int:
+    """H = (N - 1) * K hash heads per layer."""
+    return (self.max_ngram - 1) * self.heads_per_order
+
+  @property
+  def memory_width(self) -> int:
+    """Width of the concatenated retrieved vector e_t."""
+    return self.num_heads * self.head_dim
