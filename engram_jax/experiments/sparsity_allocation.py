@@ -1,0 +1,273 @@
+"""Sparsity-allocation sweep (arXiv 2601.07372, section 3): validation loss against the MoE share rho.
+
+A fixed sparse-parameter budget is split between routed experts (conditional computation) and Engram tables
+(conditional memory); P_tot, P_act and FLOPs per token are held equal (engram_jax.budget.solve_allocation). One
+model is trained per (rho, seed) on the same data and token count. The paper finds a U-shaped curve with its
+minimum near rho = 0.75-0.8.
+
+    python -m engram_jax.experiments.sparsity_allocation --gin_file=configs/experiments/sparsity_allocation_cpu.gin
+    python -m engram_jax.budget --gin_file=configs/experiments/budget_6e20.gin      # budget table only
+
+Resumable: each finished run leaves `<out_dir>/<run>/result.json` and is skipped next time. Outputs:
+`<out_dir>/plan.json` (budget table, before anything trains), `results.json` (losses, budgets, tokens, wall time,
+versions, command) and `loss_vs_rho.png` (mean validation loss per rho with seed error bars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from engram_jax import budget
+from engram_jax.layers.engram_config import EngramConfig
+from engram_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """What a sparsity-allocation sweep holds fixed and what it varies."""
+
+  backbone: ModelConfig  # Attention, layers, dense FFN, shared experts, top_k, expert width; num_experts is solved.
+  engram: EngramConfig  # Shape of each Engram module (N, K, head_dim, G); table sizes are solved per rho.
+  engram_layers: tuple[int, ...] = (1,)  # Blocks that get Engram when rho < 1 (paper: early layers).
+  rhos: tuple[float, ...] = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2)  # MoE share of P_sparse; 1.0 = pure MoE.
+  seeds: tuple[int, ...] = (0, 1)  # One run per (rho, seed): error bars over seeds.
+  p_total: int | None = None  # Target P_tot; or give num_experts (at rho = 1) or total_to_active instead.
+  num_experts: int | None = None  # Routed experts of the pure-MoE point (paper: 106 at 2e20, 99 at 6e20).
+  total_to_active: float | None = None  # P_tot / P_act (paper: ~10).
+  seq_len: int = 256  # For FLOPs/token; a run config's seq_len overrides it when training.
+  offset: str = "dense_ffn"  # How P_act is kept equal (see engram_jax.budget).
+  tolerance: float = 0.01  # Allowed relative miss of P_tot, P_act and FLOPs/token.
+  train_flops: float | None = None  # Compute budget C (paper: 2e20, 6e20): the table reports C / (FLOPs/token) tokens.
+
+  def __post_init__(self):
+    if not self.rhos:
+      raise ValueError("SweepConfig.rhos is empty; list the MoE shares to train, e.g. (1.0, 0.8, 0.6)")
+    if not self.seeds:
+      raise ValueError("SweepConfig.seeds is empty; give at least one seed")
+    if len(set(self.rhos)) != len(self.rhos) or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"SweepConfig.rhos={self.rhos} / seeds={self.seeds} contain duplicates; list each once")
+
+
+def plan_sweep(sweep: SweepConfig, seq_len: int | None = None) -> list[budget.Allocation]:
+  """The concrete config of every rho (raises if a point misses the tolerance)."""
+  return budget.solve_sweep(sweep.backbone, sweep.engram, sweep.engram_layers, sweep.rhos,
+                            seq_len=seq_len or sweep.seq_len, p_total=sweep.p_total, num_experts=sweep.num_experts,
+                            total_to_active=sweep.total_to_active, offset=sweep.offset, tolerance=sweep.tolerance)
+
+
+def run_name(rho: float, seed: int) -> str:
+  return f"rho{rho:.3f}_seed{seed}"
+
+
+def software_versions() -> dict[str, str]:
+  out = {"python": platform.python_version(), "platform": platform.platform()}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "gin-config"):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      out[pkg] = "missing"
+  return out
+
+
+def _jsonable(x):
+  """Plain JSON types from numpy / jax scalars, arrays, tuples and dataclasses."""
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return _jsonable(dataclasses.asdict(x))
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if hasattr(x, "tolist"):
+    return _jsonable(x.tolist())
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  return x
+
+
+def _write_json(path: str, obj) -> None:
+  """Atomic: a crash never leaves a half-written result that would mark a run as finished."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(obj), f, indent=1)
+  os.replace(tmp, path)
+
+
+def final_loss(result: dict) -> float:
+  """The final validation loss in a train result (train.train_and_evaluate's dict)."""
+  for key in ("final_val_loss", "val_loss", "final_eval_loss", "eval_loss"):
+    if key in result:
+      return float(result[key])
+  raise KeyError(f"train result has no final validation loss; keys: {sorted(result)}")
+
+
+def summarise(runs: Sequence[dict]) -> list[dict]:
+  """Per rho: mean and sample std of the final validation loss over seeds."""
+  out = []
+  for rho in sorted({r["rho"] for r in runs}, reverse=True):
+    losses = [final_loss(r["train"]) for r in runs if r["rho"] == rho]
+    mean = sum(losses) / len(losses)
+    std = math.sqrt(sum((l - mean) ** 2 for l in losses) / (len(losses) - 1)) if len(losses) > 1 else 0.0
+    out.append({"rho": rho, "mean_val_loss": mean, "std_val_loss": std, "n": len(losses), "val_losses": losses})
+  return out
+
+
+def plot_sweep(summary: Sequence[dict], path: str, title: str = "") -> None:
+  """Validation loss vs rho (mean over seeds, error bars = sample std; dots = single seeds) to a PNG."""
+  import matplotlib  # noqa: PLC0415 - plotting only when writing results.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  rhos = [s["rho"] for s in summary]
+  ax.errorbar(rhos, [s["mean_val_loss"] for s in summary], yerr=[s["std_val_loss"] for s in summary],
+              marker="o", capsize=3, label="mean ± std over seeds")
+  for s in summary:
+    ax.scatter([s["rho"]] * len(s["val_losses"]), s["val_losses"], s=8, color="gray", alpha=0.6)
+  ax.set_xlabel("rho = MoE share of sparse parameters (1 = pure MoE)")
+  ax.set_ylabel("final validation loss")
+  ax.set_title(title or "Sparsity allocation (iso P_tot, P_act, FLOPs)")
+  ax.invert_xaxis()
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _default_train_fn():
+  from engram_jax import train  # noqa: PLC0415 - training pulls in the data pipeline; the planner does not.
+  return train.train_and_evaluate
+
+
+def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | None = None,
+              command: str | None = None, log: Callable[[str], None] = print) -> dict:
+  """Trains every (rho, seed) not yet finished under `out_dir`, then writes results.json and loss_vs_rho.png.
+
+  `run` is the training run config (engram_jax.train.RunConfig): every point uses it unchanged except `seed`.
+  `train_fn(model_config, run_config, model_dir) -> dict` defaults to engram_jax.train.train_and_evaluate.
+  """
+  train_fn = train_fn or _default_train_fn()
+  seq_len = getattr(run, "seq_len", None) or sweep.seq_len
+  os.makedirs(out_dir, exist_ok=True)
+  allocs = plan_sweep(sweep, seq_len)
+  table = budget.format_table(allocs)
+  log(f"sparsity allocation: {len(allocs)} points x {len(sweep.seeds)} seeds, seq_len {seq_len}\n{table}")
+  _write_json(os.path.join(out_dir, "plan.json"),
+              {"sweep": sweep, "run": run, "table": table, "points": [a.as_dict() for a in allocs]})
+
+  runs = []
+  t_sweep = time.time()
+  for alloc in allocs:
+    for seed in sweep.seeds:
+      name = run_name(alloc.rho_target, seed)
+      run_dir = os.path.join(out_dir, name)
+      path = os.path.join(run_dir, "result.json")
+      model_json = _jsonable(alloc.config)
+      if os.path.exists(path):
+        with open(path) as f:
+          done = json.load(f)
+        if done["model_config"] != model_json:
+          raise ValueError(f"{path} was trained with a different model config than this sweep plans for rho="
+                           f"{alloc.rho_target}; use a new out_dir or delete that run")
+        log(f"[{name}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")
+        runs.append(done)
+        continue
+      os.makedirs(run_dir, exist_ok=True)
+      run_cfg = dataclasses.replace(run, seed=seed) if hasattr(run, "seed") else run
+      log(f"[{name}] training: E={alloc.budget.num_experts} Engram={alloc.budget.engram_table} "
+          f"P_tot={alloc.budget.total} P_act={alloc.budget.active}")
+      t0 = time.time()
+      result = train_fn(alloc.config, run_cfg, run_dir)
+      wall = time.time() - t0
+      tokens = result.get("tokens")
+      record = {"name": name, "rho": alloc.rho_target, "seed": seed, "wall_s": wall,
+                "tokens": tokens, "train_flops": alloc.budget.flops_per_token * tokens if tokens else None,
+                "budget": alloc.as_dict(), "model_config": model_json, "run_config": run_cfg, "train": result}
+      _write_json(path, record)
+      runs.append(_jsonable(record))
+      log(f"[{name}] val loss {final_loss(result):.4f} in {wall:.0f} s")
+
+  summary = summarise(runs)
+  results = {"command": command or " ".join([sys.executable] + sys.argv), "versions": software_versions(),
+             "sweep": sweep, "run": run, "table": table, "summary": summary, "runs": runs,
+             "sweep_wall_s_this_invocation": time.time() - t_sweep}
+  _write_json(os.path.join(out_dir, "results.json"), results)
+  plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"))
+  log("rho    mean val loss   std      n\n" + "\n".join(
+      f"{s['rho']:.3f}  {s['mean_val_loss']:.4f}        {s['std_val_loss']:.4f}   {s['n']}" for s in summary))
+  return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gin entry point (gin is imported only here, never by the library)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str]):
+  """--gin_file=F (repeatable) and --gin.X=Y / --gin_param=X=Y overrides."""
+  import argparse  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+  parser.add_argument("--gin_param", action="append", default=[], help="gin binding X=Y (repeatable)")
+  args, rest = parser.parse_known_args(argv)
+  bindings = list(args.gin_param)
+  for item in rest:
+    if not item.startswith("--gin."):
+      parser.error(f"unknown argument {item!r}; use --gin_file=... or --gin.NAME=VALUE")
+    bindings.append(item[len("--gin."):])
+  if not args.gin_file:
+    parser.error("give at least one --gin_file")
+  return args.gin_file, bindings
+
+
+def _gin_entry(gin):
+  """Registers the sweep's classes (library config classes through engram_jax.configurables when present)."""
+  try:
+    from engram_jax import configurables  # noqa: F401, PLC0415 - registers ModelConfig, RunConfig, ... with gin.
+  except ImportError:
+    for cls in (ModelConfig, EngramConfig, __import__("engram_jax.layers.moe_config", fromlist=["x"]).MoEConfig):
+      gin.external_configurable(cls, module="engram_jax")
+  gin.external_configurable(SweepConfig, module="engram_jax.experiments")
+
+  def sparsity_allocation(sweep: SweepConfig = gin.REQUIRED, run=None, out_dir: str | None = None):
+    return sweep, run, out_dir
+
+  return gin.external_configurable(sparsity_allocation, module="engram_jax.experiments")
+
+
+def main(argv: Sequence[str] | None = None, budget_only: bool = False) -> dict | None:
+  import gin  # noqa: PLC0415
+
+  files, bindings = _parse_args(sys.argv[1:] if argv is None else argv)
+  entry = _gin_entry(gin)
+  gin.parse_config_files_and_bindings(files, bindings)
+  sweep, run, out_dir = entry()
+  if budget_only or run is None:
+    allocs = plan_sweep(sweep, getattr(run, "seq_len", None))
+    print(f"budget table (seq_len {getattr(run, 'seq_len', None) or sweep.seq_len} for FLOPs; rho=1 is the reference)")
+    print(budget.format_table(allocs))
+    if sweep.train_flops:
+      fpt = allocs[0].budget.flops_per_token
+      print(f"compute budget C = {sweep.train_flops:.3g} FLOPs -> {sweep.train_flops / fpt:.4g} training tokens "
+            f"per point ({fpt:.4g} FLOPs/token, {sweep.train_flops / fpt / allocs[0].budget.active:.1f} tokens "
+            "per activated parameter)")
+    return None
+  if out_dir is None:
+    raise ValueError("sparsity_allocation.out_dir is unset; bind it in the gin file or pass "
+                     "--gin.sparsity_allocation.out_dir=DIR")
+  command = " ".join([sys.executable, "-m", "engram_jax.experiments.sparsity_allocation"] + list(
+      sys.argv[1:] if argv is None else argv))
+  return run_sweep(sweep, run, out_dir, command=command)
+
+
+if __name__ == "__main__":
+  main()
