@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from engram_jax import sharding
+
 
 def rms_norm(x: jax.Array, scale: jax.Array | None = None, eps: float = 1e-6) -> jax.Array:
   """x / sqrt(mean(x^2) + eps) over the last axis, computed in f32, optionally times `scale`."""
@@ -23,7 +25,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = "embed", rngs: nnx.Rngs | None = None):
     del rngs  # Deterministic init; the argument keeps the NNX constructor convention.
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), sharding_names=(axis_name,))
+    self.scale = sharding.param(jnp.ones((dim,), jnp.float32), axis_name)  # lazy annotation: no mesh needed
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x, self.scale[...], self.eps)
