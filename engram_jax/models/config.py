@@ -27,6 +27,7 @@ class ModelConfig:
   engram_compression_path: str | None = None  # .npy map raw id -> compressed id (saved with a run); None: identity.
   hc_expansion: int = 1  # G hyper-connection branches (arXiv 2409.19606); 1 = plain residual stream.
   hc_variant: str = "hc"  # 'hc' (dynamic hyper-connections) or 'mhc' (manifold-constrained, doubly-stochastic mixing).
+  hc_sinkhorn_iters: int = 20  # Only for 'mhc': Sinkhorn row/column normalisations of the residual mixing matrix.
   norm_eps: float = 1e-6
   compute_dtype: str = "float32"  # 'float32' or 'bfloat16' for activations and matmuls; params stay float32.
   tie_embeddings: bool = False

@@ -1,0 +1,194 @@
+"""Decoder-only language model: embed -> blocks [Engram? -> attention -> FFN/MoE] (through hyper-connections)
+-> sum of branches -> RMSNorm -> LM head.
+
+Letters: B batch, S sequence, G hyper-connection branches, D width, V vocabulary, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from engram_jax import sharding
+from engram_jax.layers import hyper_connections
+from engram_jax.layers.attention import Attention
+from engram_jax.layers.moe import MoE, SwiGLU, validate_moe_config
+from engram_jax.layers.norms import RMSNorm
+from engram_jax.models.config import ModelConfig
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate_config(config: ModelConfig, mesh: Mesh | None = None) -> None:
+  """Raises ValueError naming the field and the fix for any configuration that cannot be built."""
+  c = config
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "dense_hidden"):
+    if getattr(c, name) < 1:
+      raise ValueError(f"ModelConfig.{name}={getattr(c, name)} must be >= 1")
+  if c.num_heads % c.num_kv_heads:
+    raise ValueError(f"ModelConfig.num_heads={c.num_heads} must be a multiple of num_kv_heads={c.num_kv_heads}")
+  if c.head_dim % 2:
+    raise ValueError(f"ModelConfig.head_dim={c.head_dim} must be even (rotary embeddings rotate pairs)")
+  if not 0 <= c.num_dense_layers <= c.num_layers:
+    raise ValueError(f"ModelConfig.num_dense_layers={c.num_dense_layers} must lie in [0, num_layers={c.num_layers}]")
+  if c.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"ModelConfig.compute_dtype={c.compute_dtype!r}; use one of {sorted(COMPUTE_DTYPES)}")
+  if c.hc_expansion < 1:
+    raise ValueError(f"ModelConfig.hc_expansion={c.hc_expansion} must be >= 1 (1 = plain residual stream)")
+  if c.hc_variant not in hyper_connections.VARIANTS:
+    raise ValueError(f"ModelConfig.hc_variant={c.hc_variant!r}; use one of {hyper_connections.VARIANTS}")
+  if c.hc_sinkhorn_iters < 1:
+    raise ValueError(f"ModelConfig.hc_sinkhorn_iters={c.hc_sinkhorn_iters} must be >= 1")
+  bad = [l for l in c.engram_layers if not 0 <= l < c.num_layers]
+  if bad:
+    raise ValueError(f"ModelConfig.engram_layers={c.engram_layers}: {bad} outside [0, num_layers={c.num_layers})")
+  if len(set(c.engram_layers)) != len(c.engram_layers):
+    raise ValueError(f"ModelConfig.engram_layers={c.engram_layers} has duplicates; list each layer once")
+  if c.engram_layers:
+    if c.engram is None:
+      raise ValueError("ModelConfig.engram is None but engram_layers is non-empty; set engram=EngramConfig(...)")
+    if c.engram.num_branches != c.hc_expansion:
+      raise ValueError(f"ModelConfig.engram.num_branches={c.engram.num_branches} must equal "
+                       f"hc_expansion={c.hc_expansion} (one Engram gate per residual branch)")
+  if c.moe is not None and c.num_dense_layers < c.num_layers:
+    validate_moe_config(c.moe, mesh)
+  if mesh is not None:
+    model = mesh.shape.get("model", 1)
+    for name in ("num_heads", "num_kv_heads", "dense_hidden", "vocab_size"):
+      if getattr(c, name) % model:
+        raise ValueError(f"ModelConfig.{name}={getattr(c, name)} must be divisible by the mesh's 'model' axis "
+                         f"({model}); change it or the mesh")
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 wherever the segment id changes along a row: [B, S] -> [B, S] int32."""
+  s = segment_ids.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class Block(nnx.Module):
+  """One decoder block on the branch stream h [B, S, G, D]; returns (h', moe metrics or None)."""
+
+  def __init__(self, config: ModelConfig, layer_index: int, mesh: Mesh | None, engram: nnx.Module | None, *,
+               rngs: nnx.Rngs):
+    c = config
+    dt = COMPUTE_DTYPES[c.compute_dtype]
+    hc_kw = dict(variant=c.hc_variant, sinkhorn_iters=c.hc_sinkhorn_iters, norm_eps=c.norm_eps)
+    self.engram = engram
+    self.attn_hc = hyper_connections.HyperConnection(c.d_model, c.hc_expansion, 2 * layer_index, **hc_kw)
+    self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+    self.attn = Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rope_theta=c.rope_theta,
+                          compute_dtype=dt, rngs=rngs)
+    self.ffn_hc = hyper_connections.HyperConnection(c.d_model, c.hc_expansion, 2 * layer_index + 1, **hc_kw)
+    self.ffn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+    self.is_moe = c.moe is not None and layer_index >= c.num_dense_layers
+    if self.is_moe:
+      self.ffn = MoE(c.moe, c.d_model, mesh=mesh, compute_dtype=dt, rngs=rngs)
+    else:
+      self.ffn = SwiGLU(c.d_model, c.dense_hidden, compute_dtype=dt, rngs=rngs)
+
+  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids):
+    if self.engram is not None:
+      h = h + self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids).astype(h.dtype)  # [B, S, G, D]
+    x, ctx = self.attn_hc.read(h)  # [B, S, D]
+    h = self.attn_hc.write(ctx, self.attn(self.attn_norm(x), positions, segment_ids))  # [B, S, G, D]
+    x, ctx = self.ffn_hc.read(h)
+    metrics = None
+    if self.is_moe:
+      y, metrics = self.ffn(self.ffn_norm(x), token_mask)
+    else:
+      y = self.ffn(self.ffn_norm(x))
+    return self.ffn_hc.write(ctx, y), metrics
+
+
+def _block_apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids):
+  return block(h, tokens, positions, segment_ids, token_mask, hash_ids)
+
+
+class Decoder(nnx.Module):
+  """Decoder LM: (tokens [B, S] int32, ...) -> (logits [B, S, V] float32, aux dict)."""
+
+  def __init__(self, config: ModelConfig, mesh: Mesh | None = None, *, rngs: nnx.Rngs):
+    validate_config(config, mesh)
+    c = config
+    self.config, self.mesh = c, mesh
+    self.compute_dtype = COMPUTE_DTYPES[c.compute_dtype]
+    # Initialisation: embeddings N(0, 1); every projection N(0, 1 / fan_in) (in the layer constructors).
+    self.embed = sharding.param(jax.random.normal(rngs.params(), (c.vocab_size, c.d_model)), "vocab", "embed")
+    engrams = self._build_engram(rngs) if c.engram_layers else {}
+    self.blocks = nnx.List([Block(c, i, mesh, engrams.get(i), rngs=rngs) for i in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+    if not c.tie_embeddings:
+      self.lm_head = sharding.param(
+          jax.random.normal(rngs.params(), (c.d_model, c.vocab_size)) * c.d_model ** -0.5, "embed", "vocab")
+
+  def _build_engram(self, rngs):
+    from engram_jax import hashing  # Lazy: only Engram models need it.
+    from engram_jax.layers.engram import build_engram_layers
+    c = self.config
+    if c.engram_compression_path is None:
+      compression = hashing.identity_compression(c.vocab_size)
+    else:
+      compression = np.load(c.engram_compression_path)
+    return build_engram_layers(c.engram, tuple(c.engram_layers), c.d_model, compression, self.mesh, rngs=rngs)
+
+  def _constrain(self, x, *logical):
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, sharding.logical_to_spec(logical,
+                                                                                                  mesh=self.mesh)))
+
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               engram_hash_ids: dict[int, jax.Array] | None = None):
+    """tokens [B, S] int32; segment_ids [B, S] (0 = padding, excluded from MoE load statistics; positions
+    default to restarting at each segment); engram_hash_ids: per Engram layer, precomputed row ids (else hashed
+    in-graph). Returns logits [B, S, V] float32 and aux (see `_aux`)."""
+    c = self.config
+    tokens = tokens.astype(jnp.int32)
+    if positions is None:
+      positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+                   if segment_ids is None else segment_positions(segment_ids))
+    token_mask = None if segment_ids is None else segment_ids != 0
+    x = self.embed[...][tokens]  # [B, S, D]
+    h = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (c.hc_expansion, c.d_model))  # [B, S, G, D]
+    h = self._constrain(h.astype(jnp.float32), "batch", "sequence", "branches", "embed")
+    apply = nnx.remat(_block_apply) if c.remat else _block_apply
+    moe_metrics = []
+    for i, block in enumerate(self.blocks):
+      hash_ids = None if engram_hash_ids is None else engram_hash_ids.get(i)
+      h, metrics = apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids)
+      h = self._constrain(h, "batch", "sequence", "branches", "embed")
+      if metrics is not None:
+        moe_metrics.append(metrics)
+    x = self.final_norm(jnp.sum(h, axis=2))  # [B, S, D]
+    head = self.embed[...].T * c.d_model ** -0.5 if c.tie_embeddings else self.lm_head[...]  # [D, V]
+    dt = self.compute_dtype
+    logits = jnp.einsum("bsd,dv->bsv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
+    logits = self._constrain(logits, "batch", "sequence", "vocab")
+    return logits, self._aux(moe_metrics)
+
+  def _aux(self, moe_metrics):
+    """Flat dict: moe_aux_loss (weighted, summed over layers), expert_load [L_moe, E] (fractions of routed
+    assignments), dropped_fraction (dropped / routed assignments over all MoE layers), balance_bias_norm
+    (L2 norm of all balance biases). A dense model reports zeros and an empty [0, 0] load."""
+    if not moe_metrics:
+      zero = jnp.zeros((), jnp.float32)
+      return {"moe_aux_loss": zero, "expert_load": jnp.zeros((0, 0), jnp.float32), "dropped_fraction": zero,
+              "balance_bias_norm": zero}
+    stack = lambda key: jnp.stack([m[key] for m in moe_metrics])
+    return {
+        "moe_aux_loss": jnp.sum(stack("aux_loss")),
+        "expert_load": stack("load"),
+        "dropped_fraction": jnp.sum(stack("dropped")) / jnp.maximum(jnp.sum(stack("assignments")), 1.0),
+        "balance_bias_norm": jnp.sqrt(jnp.sum(stack("bias") ** 2)),
+    }
+
+  def moe_layers(self) -> list:
+    """The MoE modules in layer order (the order of aux['expert_load'] rows)."""
+    return [b.ffn for b in self.blocks if b.is_moe]
