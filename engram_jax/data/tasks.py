@@ -11,6 +11,7 @@ Tokenized documents are not truncated; `PackedBatches` packs them into [B, S] ro
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -93,19 +94,21 @@ def register_corpus_task(data_dir: str | os.PathLike | None = None, name: str = 
 def register_c4_task(vocab_path: str = T5_VOCAB, name: str = C4_TASK, tfds_name: str = C4_TFDS_NAME,
                      tfds_data_dir: str | None = None) -> seqio.Task:
     """Registers the TFDS C4 pretraining task (nothing is read or downloaded until a dataset is iterated)."""
-    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir)
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
+                                  splits=("train", "validation"))
     key = (str(vocab_path), tfds_name, tfds_data_dir)
     _CORPUS_TASKS.discard(name)
     return _register(name, key, source=source, output_features=_output_features(vocab_path),
-                     preprocessors=[seqio.preprocessors.rekey({"targets": "text"}), seqio.preprocessors.tokenize,
+                     preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+                                    seqio.preprocessors.tokenize,
                                     seqio.preprocessors.append_eos])
 
 
 def _get_task(task_name: str, data_dir) -> seqio.Task:
-    if task_name in seqio.TaskRegistry.names() and (task_name != CORPUS_TASK or data_dir is None):
-        return seqio.TaskRegistry.get(task_name)
-    if task_name == CORPUS_TASK:
+    if task_name == CORPUS_TASK:  # always re-resolved: data_dir (or $ENGRAM_DATA_DIR) may differ between calls
         return register_corpus_task(data_dir)
+    if task_name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(task_name)
     if task_name == C4_TASK:
         return register_c4_task()
     raise ValueError(f"task_name={task_name!r} is not a registered seqio task; use {CORPUS_TASK!r}, {C4_TASK!r} "
@@ -123,7 +126,7 @@ def tokenized_documents(task: seqio.Task, split: str, *, shuffle: bool = False, 
     if split not in task.splits:
         raise ValueError(f"split={split!r} not in task {task.name!r}; choose one of {list(task.splits)}")
     ds = task.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
-                          num_epochs=1, use_cached=False, trim_output_features=False)
+                          num_epochs=1, use_cached=False, trim_output_features=False, try_in_mem_cache=False)
     for ex in ds.as_numpy_iterator():
         skip = int(ex.get("skip", SKIP_OK))
         if skip != SKIP_OK:
