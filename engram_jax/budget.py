@@ -54,6 +54,15 @@ def engram_primes(engram: EngramConfig, layer_ids: Sequence[int]) -> dict[int, t
   return hashing.allocate_primes(engram.table_base_sizes, engram.heads_per_order, tuple(layer_ids))
 
 
+def engram_table_rows(cfg: ModelConfig) -> int:
+  """Rows of all Engram tables: per layer the sum of its primes, padded up to a multiple of
+  EngramConfig.table_row_multiple as the layer pads its flat table (the padding rows are parameters that no id
+  reads). A mesh whose row-shard count does not divide table_row_multiple pads further; we count mesh-free."""
+  m = cfg.engram.table_row_multiple
+  primes = engram_primes(cfg.engram, cfg.engram_layers)
+  return sum(-(-sum(p for order in layer for p in order) // m) * m for layer in primes.values())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parameter counts per component
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,9 +141,7 @@ def count_params(cfg: ModelConfig) -> dict[str, Group]:
     ed = _engram_dense(cfg)
     n = len(cfg.engram_layers)
     groups["engram_dense"] = Group(n * ed.total, n * ed.active, n * ed.matmul)
-    primes = engram_primes(cfg.engram, cfg.engram_layers)
-    rows = sum(p for layer in primes.values() for order in layer for p in order)
-    groups["engram_table"] = Group(rows * cfg.engram.head_dim, 0, 0)
+    groups["engram_table"] = Group(engram_table_rows(cfg) * cfg.engram.head_dim, 0, 0)
   return groups
 
 
@@ -250,12 +257,18 @@ def reference_config(backbone: ModelConfig, *, p_total: int | None = None, num_e
   base = _with_experts(dataclasses.replace(backbone, engram_layers=(), engram=None), backbone.moe.top_k)
   if num_experts is None:
     b0 = compute_budget(base, 1)
-    if p_total is None:
-      p_total = round(total_to_active * b0.active)
     m, l_moe, d = base.moe, base.num_layers - base.num_dense_layers, base.d_model
-    # P_tot(E) = P_tot(top_k) + l_moe * (E - top_k) * (3 d h + d): each extra expert adds its weights and a router row.
-    slot = l_moe * (3 * d * m.expert_hidden + d)
-    num_experts = m.top_k + max(0, round((p_total - b0.total) / slot))
+    # Each expert beyond top_k adds l_moe * 3 d h inactive weights and l_moe * d router weights (activated):
+    #   P_tot(E) = T0 + (E - k) l_moe (3 d h + d),   P_act(E) = A0 + (E - k) l_moe d.
+    if p_total is not None:
+      extra = (p_total - b0.total) / (l_moe * (3 * d * m.expert_hidden + d))
+    else:
+      denom = l_moe * (3 * d * m.expert_hidden + d - total_to_active * d)
+      if denom <= 0:
+        raise ValueError(f"reference_config: total_to_active={total_to_active} is unreachable (the router alone "
+                         "grows P_act that fast); lower it or widen moe.expert_hidden")
+      extra = (total_to_active * b0.active - b0.total) / denom
+    num_experts = m.top_k + max(0, round(extra))
   if num_experts < backbone.moe.top_k:
     raise ValueError(f"reference_config: num_experts {num_experts} < moe.top_k {backbone.moe.top_k}; "
                      "raise p_total (or num_experts) or lower top_k")

@@ -229,28 +229,44 @@ def _parse_args(argv: Sequence[str]):
   return args.gin_file, bindings
 
 
-def _gin_entry(gin):
-  """Registers the sweep's classes (library config classes through engram_jax.configurables when present)."""
+_GIN_ENTRY = None
+
+
+def _gin_entry():
+  """Registers the sweep's classes once (library config classes via engram_jax.configurables when present)."""
+  global _GIN_ENTRY
+  if _GIN_ENTRY is not None:
+    return _GIN_ENTRY
+  import gin  # noqa: PLC0415
+
   try:
     from engram_jax import configurables  # noqa: F401, PLC0415 - registers ModelConfig, RunConfig, ... with gin.
   except ImportError:
-    for cls in (ModelConfig, EngramConfig, __import__("engram_jax.layers.moe_config", fromlist=["x"]).MoEConfig):
+    from engram_jax.layers.moe_config import MoEConfig  # noqa: PLC0415
+    for cls in (ModelConfig, EngramConfig, MoEConfig):
       gin.external_configurable(cls, module="engram_jax")
   gin.external_configurable(SweepConfig, module="engram_jax.experiments")
 
   def sparsity_allocation(sweep: SweepConfig = gin.REQUIRED, run=None, out_dir: str | None = None):
     return sweep, run, out_dir
 
-  return gin.external_configurable(sparsity_allocation, module="engram_jax.experiments")
+  _GIN_ENTRY = gin.external_configurable(sparsity_allocation, module="engram_jax.experiments")
+  return _GIN_ENTRY
+
+
+def load_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> tuple[SweepConfig, object, str | None]:
+  """Parses gin files (clearing any earlier config) -> (sweep, run config or None, out_dir or None)."""
+  import gin  # noqa: PLC0415
+
+  entry = _gin_entry()
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(list(files), list(bindings))
+  return entry()
 
 
 def main(argv: Sequence[str] | None = None, budget_only: bool = False) -> dict | None:
-  import gin  # noqa: PLC0415
-
   files, bindings = _parse_args(sys.argv[1:] if argv is None else argv)
-  entry = _gin_entry(gin)
-  gin.parse_config_files_and_bindings(files, bindings)
-  sweep, run, out_dir = entry()
+  sweep, run, out_dir = load_gin(files, bindings)
   if budget_only or run is None:
     allocs = plan_sweep(sweep, getattr(run, "seq_len", None))
     print(f"budget table (seq_len {getattr(run, 'seq_len', None) or sweep.seq_len} for FLOPs; rho=1 is the reference)")
