@@ -1,0 +1,110 @@
+"""Orbax checkpoints of a train state plus the data iterator's position, guarded by the model config.
+
+Layout of `directory`:
+  model_config.json   the ModelConfig the checkpoints belong to (written once, atomically; compared on resume)
+  <step>/state        the train state pytree (params, optimizer state, non-trainable variables, step, rng)
+  <step>/data         the data iterator's position (a small JSON dict of ints)
+Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save never leaves
+a half checkpoint that `latest_step` would pick. Saves are asynchronous; `wait()` blocks until they are on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "model_config.json"
+# ModelConfig fields that change how a model computes, not what its parameters are: they may differ on resume.
+NON_STRUCTURAL_FIELDS = frozenset({"compute_dtype", "remat", "engram.lookup", "engram.all_to_all_capacity_factor",
+                                   "moe.dispatch", "moe.capacity_factor"})
+
+
+def config_to_dict(config: Any) -> dict:
+  """A (nested) config dataclass -> a JSON-compatible dict (tuples become lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Structural fields whose values differ, as 'field: saved -> current' lines."""
+  a, b = _flatten(saved), _flatten(current)
+  lines = []
+  for key in sorted(set(a) | set(b)):
+    if key in NON_STRUCTURAL_FIELDS:
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      lines.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return lines
+
+
+class Checkpointer:
+  """An orbax CheckpointManager (async, keeps the last `max_to_keep`) for {'state': pytree, 'data': dict}."""
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = Path(directory).absolute()
+    self.directory.mkdir(parents=True, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def check_model_config(self, config: Any) -> None:
+    """Records `config` on first use; raises ValueError if the directory holds checkpoints of another model."""
+    current = config_to_dict(config)
+    path = self.directory / CONFIG_FILE
+    if path.exists():
+      saved = json.loads(path.read_text())
+      diff = config_differences(saved, current)
+      if diff:
+        raise ValueError(
+            f"checkpoints in {self.directory} belong to a different model config:\n  " + "\n  ".join(diff) +
+            "\nFix: use a new model_dir (MODEL_DIR) for this config, or restore the config saved in "
+            f"{path}.")
+      return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict[str, int], *, force: bool = False) -> bool:
+    """Starts an asynchronous save of `state` and the data position at `step`."""
+    data_state = {k: int(v) for k, v in data_state.items()}
+    return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           data=ocp.args.JsonSave(data_state)), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, int]]:
+    """(state, data position) of `step`; `abstract_state` gives shapes, dtypes and target shardings."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                  data=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["data"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs carrying each leaf's sharding (a restore target)."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
