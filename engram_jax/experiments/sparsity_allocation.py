@@ -8,7 +8,8 @@ minimum near rho = 0.75-0.8.
     python -m engram_jax.experiments.sparsity_allocation --gin_file=configs/experiments/sparsity_allocation_cpu.gin
     python -m engram_jax.budget --gin_file=configs/experiments/budget_6e20.gin      # budget table only
 
-Resumable: each finished run leaves `<out_dir>/<run>/result.json` and is skipped next time. Outputs:
+Resumable: each finished run leaves `<out_dir>/<run>/sweep_result.json` and is skipped next time (an interrupted
+run resumes from its own latest checkpoint through train_and_evaluate). Outputs:
 `<out_dir>/plan.json` (budget table, before anything trains), `results.json` (losses, budgets, tokens, wall time,
 versions, command) and `loss_vs_rho.png` (mean validation loss per rho with seed error bars).
 """
@@ -61,6 +62,13 @@ def plan_sweep(sweep: SweepConfig, seq_len: int | None = None) -> list[budget.Al
   return budget.solve_sweep(sweep.backbone, sweep.engram, sweep.engram_layers, sweep.rhos,
                             seq_len=seq_len or sweep.seq_len, p_total=sweep.p_total, num_experts=sweep.num_experts,
                             total_to_active=sweep.total_to_active, offset=sweep.offset, tolerance=sweep.tolerance)
+
+
+def run_tokens(run) -> int | None:
+  """Training tokens of one run (all steps, also when it resumed from a checkpoint)."""
+  if not all(hasattr(run, k) for k in ("steps", "batch_size", "seq_len")):
+    return None
+  return (getattr(run, "stop_after", None) or run.steps) * run.batch_size * run.seq_len
 
 
 def run_name(rho: float, seed: int) -> str:
@@ -169,7 +177,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
     for seed in sweep.seeds:
       name = run_name(alloc.rho_target, seed)
       run_dir = os.path.join(out_dir, name)
-      path = os.path.join(run_dir, "result.json")
+      path = os.path.join(run_dir, "sweep_result.json")  # train_and_evaluate writes its own result.json
       model_json = _jsonable(alloc.config)
       if os.path.exists(path):
         with open(path) as f:
@@ -187,7 +195,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
       t0 = time.time()
       result = train_fn(alloc.config, run_cfg, run_dir)
       wall = time.time() - t0
-      tokens = result.get("tokens")
+      tokens = run_tokens(run_cfg)
       record = {"name": name, "rho": alloc.rho_target, "seed": seed, "wall_s": wall,
                 "tokens": tokens, "train_flops": alloc.budget.flops_per_token * tokens if tokens else None,
                 "budget": alloc.as_dict(), "model_config": model_json, "run_config": run_cfg, "train": result}
@@ -233,34 +241,32 @@ _GIN_ENTRY = None
 
 
 def _gin_entry():
-  """Registers the sweep's classes once (library config classes via engram_jax.configurables when present)."""
+  """Registers SweepConfig and the `sparsity_allocation` entry once (library classes: engram_jax.configurables)."""
   global _GIN_ENTRY
-  if _GIN_ENTRY is not None:
-    return _GIN_ENTRY
-  import gin  # noqa: PLC0415
+  if _GIN_ENTRY is None:
+    import gin  # noqa: PLC0415
 
-  try:
     from engram_jax import configurables  # noqa: F401, PLC0415 - registers ModelConfig, RunConfig, ... with gin.
-  except ImportError:
-    from engram_jax.layers.moe_config import MoEConfig  # noqa: PLC0415
-    for cls in (ModelConfig, EngramConfig, MoEConfig):
-      gin.external_configurable(cls, module="engram_jax")
-  gin.external_configurable(SweepConfig, module="engram_jax.experiments")
 
-  def sparsity_allocation(sweep: SweepConfig = gin.REQUIRED, run=None, out_dir: str | None = None):
-    return sweep, run, out_dir
+    gin.external_configurable(SweepConfig, module="engram_jax.experiments")
 
-  _GIN_ENTRY = gin.external_configurable(sparsity_allocation, module="engram_jax.experiments")
+    def sparsity_allocation(sweep: SweepConfig = gin.REQUIRED, run=None, out_dir: str | None = None):
+      return sweep, run, out_dir
+
+    _GIN_ENTRY = gin.external_configurable(sparsity_allocation, module="engram_jax.experiments")
   return _GIN_ENTRY
 
 
 def load_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> tuple[SweepConfig, object, str | None]:
-  """Parses gin files (clearing any earlier config) -> (sweep, run config or None, out_dir or None)."""
+  """Parses gin files and bindings (clearing any earlier config) -> (sweep, run config or None, out_dir or None)."""
+  entry = _gin_entry()
   import gin  # noqa: PLC0415
 
-  entry = _gin_entry()
-  gin.clear_config()
-  gin.parse_config_files_and_bindings(list(files), list(bindings))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with gin.unlock_config():
+    gin.clear_config()
+    gin.add_config_file_search_path(root)  # configs/... resolve from the repo root too
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
   return entry()
 
 
