@@ -1,0 +1,215 @@
+"""The Engram layer: NumPy reference of the paper's equations, causality, document isolation, decode, API."""
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from engram_jax import hashing, sharding
+from engram_jax.layers.engram import Engram, EngramCompression, EngramTable, build_engram_layers
+from engram_jax.layers.engram_config import EngramConfig
+from tests import reference_engram as ref
+
+CFG = EngramConfig(max_ngram=3, heads_per_order=2, head_dim=4, table_base_sizes=(31, 37), num_branches=2,
+                   seed=5, table_row_multiple=16)
+D, V_RAW = 8, 40
+COMP = (np.arange(V_RAW) % 25).astype(np.int32)  # surjective: ids i and i + 25 merge
+LAYERS = (1, 4)
+
+
+def _randomise(layer: Engram, seed: int = 0) -> Engram:
+  """Non-trivial conv weights and norm scales, so the conv and the norms are exercised (init: conv = 0)."""
+  rng = np.random.default_rng(seed)
+  for name in ("conv_weight", "gate_norm_h", "gate_norm_k", "conv_norm"):
+    var = getattr(layer, name)
+    shape = var[...].shape
+    val = rng.normal(size=shape) * 0.5 + (1.0 if name != "conv_weight" else 0.0)
+    var.set_value(jnp.asarray(val, jnp.float32))
+  return layer
+
+
+@pytest.fixture(scope="module")
+def layers():
+  out = build_engram_layers(CFG, LAYERS, D, COMP, rngs=nnx.Rngs(0))
+  return {l: _randomise(m, l) for l, m in out.items()}
+
+
+@pytest.fixture(scope="module")
+def fwd():
+  """One jitted forward shared by the tests (graph and state passed explicitly)."""
+
+  @jax.jit
+  def run(graphdef, state, h, ids, seg):
+    layer = nnx.merge(graphdef, state)
+    return layer(h, ids, seg)
+
+  return lambda layer, h, ids, seg=None: run(*nnx.split(layer), h, ids, seg)
+
+
+def _inputs(b=2, s=14, seed=0):
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.normal(size=(b, s, CFG.num_branches, D)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, V_RAW, (b, s)), jnp.int32)
+  return h, ids
+
+
+def _reference(layer: Engram, layer_id: int, h, ids, seg):
+  """The layer's output recomputed by tests/reference_engram.py from the raw parameters."""
+  primes = ref.demo_primes(LAYERS, CFG.max_ngram, CFG.heads_per_order, CFG.table_base_sizes)[layer_id]
+  mult = ref.uint32_multipliers(CFG.seed, layer_id, CFG.max_ngram)
+  local = ref.hash32_python(COMP[np.asarray(ids)], seg, mult, primes, int(COMP[CFG.pad_id]))
+  sizes = [p for order in primes for p in order]
+  rows = local + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  p = {k: np.asarray(getattr(layer, k)[...], np.float64) for k in
+       ("table", "value_proj", "key_proj", "gate_norm_h", "gate_norm_k", "conv_norm", "conv_weight")}
+  return ref.engram_forward(np.asarray(h), rows, seg, p["table"], p["value_proj"], p["key_proj"], p["gate_norm_h"],
+                            p["gate_norm_k"], p["conv_norm"], p["conv_weight"], CFG.max_ngram, CFG.norm_eps)
+
+
+@pytest.mark.parametrize("layer_id", LAYERS)
+def test_forward_matches_numpy_reference(layers, fwd, layer_id):
+  h, ids = _inputs()
+  seg = np.array([[1] * 5 + [2] * 6 + [0] * 3, [1] * 14])
+  got = fwd(layers[layer_id], h, ids, jnp.asarray(seg, jnp.int32))
+  want = _reference(layers[layer_id], layer_id, h, ids, seg)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+  got1 = fwd(layers[layer_id], h, ids)
+  np.testing.assert_allclose(np.asarray(got1), _reference(layers[layer_id], layer_id, h, ids, None),
+                             rtol=2e-5, atol=2e-5)
+
+
+def test_primes_unique_across_layers_and_table_padded(layers):
+  primes = [p for m in layers.values() for o in m.spec.primes for p in o]
+  assert len(primes) == len(set(primes)) == 8
+  for m in layers.values():
+    assert m.num_rows % 16 == 0 and m.num_rows >= m.spec.total_rows
+    assert m.table[...].shape == (m.num_rows, CFG.head_dim)
+
+
+def test_causality(layers, fwd):
+  layer = layers[1]
+  h, ids = _inputs(b=1, s=16, seed=1)
+  base = np.asarray(fwd(layer, h, ids))
+  t = 9
+  ids2 = ids.at[0, t].set((ids[0, t] + 1) % 25)
+  h2 = h.at[0, t].add(1.0)
+  for hh, ii in ((h, ids2), (h2, ids), (h2, ids2)):
+    out = np.asarray(fwd(layer, hh, ii))
+    np.testing.assert_array_equal(out[:, :t], base[:, :t])
+    assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-4
+
+
+def test_document_isolation_packed_equals_separate(layers, fwd):
+  layer = layers[4]
+  h, ids = _inputs(b=1, s=15, seed=2)
+  bounds = [(0, 4), (4, 5), (5, 13), (13, 15)]
+  seg = np.concatenate([np.full(e - s, i + 1) for i, (s, e) in enumerate(bounds)])[None]
+  packed = np.asarray(fwd(layer, h, ids, jnp.asarray(seg, jnp.int32)))
+  for s, e in bounds:
+    alone = np.asarray(fwd(layer, h[:, s:e], ids[:, s:e]))
+    np.testing.assert_allclose(packed[:, s:e], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_steps_equal_full_pass(layers, fwd):
+  layer = layers[1]
+  h, ids = _inputs(b=2, s=12, seed=3)
+  full = np.asarray(fwd(layer, h, ids))
+  step = nnx.jit(lambda m, hh, ii, c: m.decode_step(hh, ii, c))
+  cache = layer.init_decode_cache(2)
+  outs = []
+  for t in range(12):
+    y, cache = step(layer, h[:, t:t + 1], ids[:, t:t + 1], cache)
+    outs.append(np.asarray(y))
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-6)
+  # Prefill a chunk of 7, then 5 single steps.
+  y0, cache = layer.decode_step(h[:, :7], ids[:, :7], layer.init_decode_cache(2))
+  ys = [np.asarray(y0)]
+  for t in range(7, 12):
+    y, cache = layer.decode_step(h[:, t:t + 1], ids[:, t:t + 1], cache)
+    ys.append(np.asarray(y))
+  np.testing.assert_allclose(np.concatenate(ys, axis=1), full, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(cache.ids), COMP[np.asarray(ids[:, -2:])])
+
+
+def test_host_hash_ids_equal_in_graph_hashing(layers, fwd):
+  layer = layers[4]
+  h, ids = _inputs(seed=4)
+  seg = jnp.asarray(np.sort(np.random.default_rng(0).integers(1, 3, (2, 14)), axis=1), jnp.int32)
+  host = hashing.hash_ngrams_np(COMP[np.asarray(ids)], np.asarray(seg), layer.spec)
+  np.testing.assert_array_equal(np.asarray(layer.hash(ids, seg)), host)
+  with_host = layer(h, ids, seg, hash_ids=jnp.asarray(host))
+  np.testing.assert_allclose(np.asarray(with_host), np.asarray(fwd(layer, h, ids, seg)), rtol=1e-6, atol=1e-6)
+
+
+def test_init_is_identity_conv_and_gate_statistics():
+  layer = build_engram_layers(CFG, [0], D, COMP, rngs=nnx.Rngs(1))[0]
+  h, ids = _inputs(seed=5)
+  y = layer(h, ids)
+  e = layer.table[...][layer.hash(ids) + jnp.asarray(layer.offsets)].reshape(2, 14, -1)
+  v = e @ layer.value_proj[...]  # [B, S, D]
+  ratio = np.asarray(y) / np.asarray(v)[:, :, None, :]  # zero conv: Y = alpha * v, the same alpha for every channel
+  np.testing.assert_allclose(ratio, np.broadcast_to(ratio[..., :1], ratio.shape), rtol=1e-4)
+  gate = np.asarray(layer.last_gate[...])
+  np.testing.assert_allclose(gate, ratio[..., 0].mean(axis=(0, 1)), rtol=1e-4)
+  assert gate.shape == (2,) and ((0 < gate) & (gate < 1)).all()
+
+
+def test_param_types_and_optimizer_groups(layers):
+  layer = build_engram_layers(CFG, [2], D, COMP, rngs=nnx.Rngs(2))[2]
+  _randomise(layer)
+  assert isinstance(layer.table, EngramTable) and isinstance(layer.compression, EngramCompression)
+  assert not isinstance(layer.compression, nnx.Param)
+  assert layer.table.get_metadata()["out_sharding"] == ("table_rows", "table_dim")
+  tables = nnx.state(layer, EngramTable)
+  assert len(jax.tree.leaves(tables)) == 1
+  h, ids = _inputs(seed=6)
+  opt = nnx.Optimizer(layer, optax.sgd(0.1), wrt=nnx.Param)
+  before = np.asarray(layer.table[...]).copy()
+  grads = nnx.grad(lambda m: jnp.sum(m(h, ids) ** 2))(layer)
+  opt.update(layer, grads)
+  touched = np.unique(np.asarray(layer.hash(ids) + jnp.asarray(layer.offsets)))
+  changed = np.flatnonzero(np.abs(np.asarray(layer.table[...]) - before).sum(-1) > 0)
+  np.testing.assert_array_equal(changed, touched)  # sparse rows only; compression untouched
+  np.testing.assert_array_equal(np.asarray(layer.compression[...]), COMP)
+
+
+def test_bfloat16_activations(layers):
+  layer = layers[1]
+  h, ids = _inputs(seed=7)
+  y32 = layer(h, ids)
+  y16 = layer(h.astype(jnp.bfloat16), ids)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0.1, atol=0.1)
+
+
+def test_bad_construction_raises(layers):
+  with pytest.raises(ValueError, match="num_branches"):
+    layers[1](jnp.zeros((1, 4, 3, D)), jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match="pad_id"):
+    build_engram_layers(EngramConfig(table_base_sizes=(31, 37), pad_id=V_RAW), [0], D, COMP, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="surjective"):
+    build_engram_layers(CFG, [0], D, COMP * 2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="layer_ids"):
+    build_engram_layers(CFG, [1, 1], D, COMP, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="hash_ids"):
+    layers[1](jnp.zeros((1, 4, 2, D)), jnp.zeros((1, 4), jnp.int32), hash_ids=jnp.zeros((1, 4, 3), jnp.int32))
+  mesh = sharding.make_mesh("data=2,expert=2,model=2")
+  rules = tuple((k, "data" if k == "table_rows" else v) for k, v in sharding.DEFAULT_RULES)
+  with pytest.raises(ValueError, match="lookup='shard_map'"):
+    Engram(EngramConfig(table_base_sizes=(31, 37), lookup="shard_map"), D, COMP, mesh=mesh, rules=rules,
+           rngs=nnx.Rngs(0))
+
+
+def test_docs_example_runs():
+  """The README section's example (docs/engram_layer.md) runs as written and trains."""
+  text = (Path(__file__).resolve().parents[1] / "docs" / "engram_layer.md").read_text()
+  code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+  scope: dict = {}
+  exec(compile(code, "docs/engram_layer.md", "exec"), scope)
+  losses = scope["losses"]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
