@@ -1,22 +1,24 @@
 """Data: offline corpus building (prepare), numpy packing (packing), seqio tasks (tasks, imports TensorFlow).
 
-`get_dataset` and the task registrations live in `engram_jax.data.tasks`; they are reachable from here lazily so
-that importing `engram_jax.data` (or packing/prepare) never imports TensorFlow.
+Names are resolved lazily, so `import engram_jax.data` imports nothing heavy and never TensorFlow; only the
+names from `engram_jax.data.tasks` (get_dataset, register_*_task, ...) import TensorFlow, on first use.
 """
 
-from engram_jax.data.packing import PackedBatches, pack_documents, packing_efficiency, shuffled_documents
-from engram_jax.data.prepare import default_data_dir, ensure_corpus
+import importlib
 
-_LAZY = ("get_dataset", "register_corpus_task", "register_c4_task", "CORPUS_TASK", "C4_TASK")
+_EXPORTS = {
+    "PackedBatches": "packing", "pack_documents": "packing", "packing_efficiency": "packing",
+    "shuffled_documents": "packing",
+    "default_data_dir": "prepare", "ensure_corpus": "prepare",
+    "get_dataset": "tasks", "get_vocabulary": "tasks", "register_corpus_task": "tasks", "register_c4_task": "tasks",
+    "CORPUS_TASK": "tasks", "C4_TASK": "tasks",
+}
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        from engram_jax.data import tasks
-
-        return getattr(tasks, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"engram_jax.data.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'engram_jax.data' has no attribute {name!r}")
 
 
-__all__ = ["PackedBatches", "pack_documents", "packing_efficiency", "shuffled_documents", "default_data_dir",
-           "ensure_corpus", *_LAZY]
+__all__ = list(_EXPORTS)

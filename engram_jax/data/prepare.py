@@ -331,18 +331,24 @@ def train_sentencepiece(paths: Sequence[str], model_prefix: Path, *, vocab_size:
     import sentencepiece as spm  # no TensorFlow
 
     skipped = SkipCounts()
-    spm.set_random_generator_seed(seed)
     t0 = time.perf_counter()
+    sentences = list(_sentences(paths, skipped, max_chars=4000))
+    if len(sentences) > input_sentence_size:  # our own seeded sample: SentencePiece's sampler is not reproducible
+        keep = np.sort(np.random.default_rng(seed).choice(len(sentences), input_sentence_size, replace=False))
+        sentences = [sentences[i] for i in keep]
+    spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(paths, skipped, max_chars=4000), model_prefix=str(model_prefix),
+        sentence_iterator=iter(sentences), model_prefix=str(model_prefix),
         vocab_size=vocab_size, model_type=model_type, character_coverage=0.9999, byte_fallback=True,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True, max_sentence_length=16384, num_threads=num_threads, minloglevel=2,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, input_sentence_size=0,
+        shuffle_input_sentence=False, max_sentence_length=16384, num_threads=num_threads, minloglevel=2,
         hard_vocab_limit=False)
     seconds = time.perf_counter() - t0
     model = Path(f"{model_prefix}.model")
     sp = spm.SentencePieceProcessor(model_file=str(model))
+    pieces = "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size()))
     return {"file": model.name, "sha256": _sha256(model), "vocab_size": sp.get_piece_size(),
+            "pieces_sha256": hashlib.sha256(pieces.encode()).hexdigest(),  # path-independent (the file embeds its path)
             "requested_vocab_size": vocab_size, "model_type": model_type, "pad_id": 0, "eos_id": 1, "unk_id": 2,
             "bos_id": -1, "byte_fallback": True, "input_sentence_size": input_sentence_size,
             "train_seconds": round(seconds, 2), "skipped_lines": skipped.as_dict()}
