@@ -119,7 +119,7 @@ def lookup_shard_map(table: jax.Array, rows: jax.Array, mesh: Mesh,
 
   out_spec = PartitionSpec(_spec(batch_axes))
   return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(_spec(table_axes), None), out_spec),
-                       out_specs=out_spec, check_vma=False)(table, rows)
+                       out_specs=out_spec, check_vma=True)(table, rows)
 
 
 def lookup_all_to_all(table: jax.Array, rows: jax.Array, mesh: Mesh, capacity_factor: float = 2.0,
