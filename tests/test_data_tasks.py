@@ -105,9 +105,10 @@ def test_build_corpus_manifest_and_idempotence(corpus, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()}
     assert prepare.ensure_corpus(data_dir) == manifest
     assert {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()} == mtimes
-    # Same seed -> same shards; a damaged shard fails verification.
+    # Same seed -> same shards and vocabulary; a damaged shard fails verification.
     _, again = _build(tmp_path / "again")
     assert again["splits"] == manifest["splits"]
+    assert again["vocab"]["pieces_sha256"] == manifest["vocab"]["pieces_sha256"]
     shard = tmp_path / "again" / again["splits"]["train"]["shards"][0]["file"]
     shard.write_text(shard.read_text() + "extra\n")
     assert prepare.verify_manifest(tmp_path / "again") is None

@@ -112,6 +112,7 @@ class PackedBatches:
             raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must both be >= 1")
         self.documents_fn, self.batch_size, self.seq_len = documents_fn, batch_size, seq_len
         self.eos_id, self.num_epochs, self.drop_remainder = eos_id, num_epochs, drop_remainder
+        self.info: dict = {}  # free-form description set by the producer (task, split, counts, skipped lines)
         self.restore({"epoch": 0, "index": 0})
 
     def state(self) -> dict[str, int]:
