@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from engram_jax import hashing
+from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe import MoEBias, apply_balance_updates
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
@@ -18,6 +20,8 @@ DENSE = ModelConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4, num_kv_
 MOE = dataclasses.replace(DENSE, num_layers=3, hc_expansion=2, moe=MoEConfig(
     num_experts=4, num_shared_experts=1, top_k=2, expert_hidden=16, seq_aux_loss_coef=0.01))
 MHC = dataclasses.replace(MOE, hc_variant="mhc", hc_expansion=3)
+ENGRAM = dataclasses.replace(MOE, engram_layers=(0, 2), engram=EngramConfig(
+    heads_per_order=2, head_dim=4, table_base_sizes=(101, 103), num_branches=2, table_row_multiple=8))
 
 
 def _forward(model):
@@ -27,9 +31,9 @@ def _forward(model):
   return lambda tokens, seg: f(state, tokens, seg)
 
 
-@pytest.fixture(scope="module", params=["dense", "moe", "mhc"])
+@pytest.fixture(scope="module", params=["dense", "moe", "mhc", "engram"])
 def model_and_fwd(request):
-  cfg = {"dense": DENSE, "moe": MOE, "mhc": MHC}[request.param]
+  cfg = {"dense": DENSE, "moe": MOE, "mhc": MHC, "engram": ENGRAM}[request.param]
   model = Decoder(cfg, rngs=nnx.Rngs(0))
   return model, _forward(model)
 
@@ -47,7 +51,13 @@ def test_shapes_and_aux(model_and_fwd):
   logits, aux = fwd(_tokens(2, S), ONES)
   assert logits.shape == (2, S, V) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(logits)))
-  assert set(aux) == {"moe_aux_loss", "expert_load", "dropped_fraction", "balance_bias_norm"}
+  keys = {"moe_aux_loss", "expert_load", "dropped_fraction", "balance_bias_norm"}
+  if model.config.engram_layers:
+    keys.add("engram_gate_mean")
+    gates = np.asarray(aux["engram_gate_mean"])
+    assert gates.shape == (len(model.config.engram_layers), model.config.hc_expansion)
+    assert np.all((gates > 0) & (gates < 1))
+  assert set(aux) == keys
   n_moe = len(model.moe_layers())
   if n_moe:
     assert aux["expert_load"].shape == (n_moe, model.config.moe.num_experts)
@@ -91,6 +101,25 @@ def test_padding_tokens_do_not_change_expert_load(model_and_fwd):
                                 np.asarray(fwd(swapped, seg)[1]["expert_load"]))
   assert not np.array_equal(np.asarray(fwd(tokens, ONES)[1]["expert_load"]),
                             np.asarray(fwd(swapped, ONES)[1]["expert_load"]))
+
+
+def test_precomputed_engram_hash_ids_equal_in_graph_hashing():
+  """Hash ids computed on the host (NumPy spec) give the same logits as hashing inside the graph."""
+  model = Decoder(ENGRAM, rngs=nnx.Rngs(0))
+  tokens = _tokens(2, S, seed=6)
+  seg = jnp.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
+  host_ids = {}
+  for layer in ENGRAM.engram_layers:
+    engram = model.blocks[layer].engram
+    compressed = np.asarray(engram.compression[...])[np.asarray(tokens)]
+    host_ids[layer] = jnp.asarray(hashing.hash_ngrams_np(compressed, np.asarray(seg), engram.spec))
+  fwd = nnx.jit(lambda m, t, s, ids: m(t, s, engram_hash_ids=ids))
+  want, _ = fwd(model, tokens, seg, None)
+  got, _ = fwd(model, tokens, seg, host_ids)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Wrong ids change the output: the precomputed path is really used.
+  other, _ = fwd(model, tokens, seg, {l: (v + 1) % 101 for l, v in host_ids.items()})
+  assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-5
 
 
 def test_segment_positions_restart_per_document():
@@ -157,6 +186,8 @@ def test_apply_balance_updates_moves_bias_against_load():
     (dict(hc_expansion=0), "hc_expansion=0"),
     (dict(engram_layers=(2,)), r"engram_layers=\(2,\): \[2\] outside"),
     (dict(engram_layers=(0,)), "engram is None"),
+    (dict(engram_layers=(0, 0), engram=EngramConfig()), "duplicates"),
+    (dict(engram_layers=(0,), engram=EngramConfig(num_branches=2)), "engram.num_branches=2 must equal hc_expansion=1"),
     (dict(moe=MoEConfig(num_experts=4, top_k=5)), "top_k=5 must be <= num_experts=4"),
     (dict(moe=MoEConfig(score_func="relu")), "score_func='relu'"),
 ])

@@ -159,24 +159,30 @@ class Decoder(nnx.Module):
     h = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (c.hc_expansion, c.d_model))  # [B, S, G, D]
     h = self._constrain(h.astype(jnp.float32), "batch", "sequence", "branches", "embed")
     apply = nnx.remat(_block_apply) if c.remat else _block_apply
-    moe_metrics = []
+    moe_metrics, gates = [], []
     for i, block in enumerate(self.blocks):
       hash_ids = None if engram_hash_ids is None else engram_hash_ids.get(i)
       h, metrics = apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids)
       h = self._constrain(h, "batch", "sequence", "branches", "embed")
       if metrics is not None:
         moe_metrics.append(metrics)
+      if block.engram is not None:
+        gates.append(block.engram.last_gate[...])  # [G] mean gate over the valid tokens of this call
     x = self.final_norm(jnp.sum(h, axis=2))  # [B, S, D]
     head = self.embed[...].T * c.d_model ** -0.5 if c.tie_embeddings else self.lm_head[...]  # [D, V]
     dt = self.compute_dtype
     logits = jnp.einsum("bsd,dv->bsv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
     logits = self._constrain(logits, "batch", "sequence", "vocab")
-    return logits, self._aux(moe_metrics)
+    aux = self._aux(moe_metrics)
+    if gates:
+      aux["engram_gate_mean"] = jnp.stack(gates)  # [L_engram, G], layers in config.engram_layers' sorted order
+    return logits, aux
 
   def _aux(self, moe_metrics):
     """Flat dict: moe_aux_loss (weighted, summed over layers), expert_load [L_moe, E] (fractions of routed
     assignments), dropped_fraction (dropped / routed assignments over all MoE layers), balance_bias_norm
-    (L2 norm of all balance biases). A dense model reports zeros and an empty [0, 0] load."""
+    (L2 norm of all balance biases). A dense model reports zeros and an empty [0, 0] load. Engram models add
+    engram_gate_mean [L_engram, G] (mean context gate per layer and branch over non-padding tokens)."""
     if not moe_metrics:
       zero = jnp.zeros((), jnp.float32)
       return {"moe_aux_loss": zero, "expert_load": jnp.zeros((0, 0), jnp.float32), "dropped_fraction": zero,
