@@ -56,7 +56,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: 
       raise GinConfigError(f"gin file {f!r} not found (looked in the working directory and {REPO_ROOT}); "
                            "pass a path like configs/experiments/quickstart.gin")
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), [])
+    gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
   except Exception as e:  # gin raises ValueError / SyntaxError / KeyError with its own text
     raise GinConfigError(f"gin files {list(gin_files)}: {e}") from None
   for b in bindings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -98,7 +99,7 @@ def lm_terms(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, dic
 
 def build_model(model_config: ModelConfig, mesh, seed: int) -> nnx.Module:
   from engram_jax.models.decoder import Decoder  # lazy: the decoder imports layers that may import more
-  return Decoder(model_config, mesh, rngs=nnx.Rngs(seed))
+  return Decoder(model_config, mesh, rngs=nnx.Rngs(jax.random.key(seed)))  # seed may be traced
 
 
 def _balance_update_fn(model_config: ModelConfig) -> Callable[[nnx.Module, dict], None] | None:
@@ -112,54 +113,65 @@ def _balance_update_fn(model_config: ModelConfig) -> Callable[[nnx.Module, dict]
 
 @dataclasses.dataclass
 class Setup:
-  """What the loop needs besides the state: static structure, optimizer, shardings."""
+  """Everything compiled for one (model, optimizer, schedule length, mesh): reused across runs in a process."""
   graphdef: Any
   tx: optax.GradientTransformation
   labels: dict
   shardings: State  # NamedSharding per leaf of the state
   abstract: State  # ShapeDtypeStructs (with shardings) of the state: the restore target
-  init: Callable[[], State]  # jitted: fresh state, created directly sharded
+  init: Callable[[jax.Array], State]  # jitted seed -> fresh state, created directly sharded
+  train_step: Callable[[State, Batch], tuple[State, dict]]
+  eval_step: Callable[[dict, dict, Batch], tuple[jax.Array, jax.Array]]
 
 
-def make_setup(model_config: ModelConfig, run: RunConfig, mesh) -> Setup:
-  """Abstract model -> shardings, optimizer and a sharded initializer; nothing is allocated or compiled."""
-  abstract_model = nnx.eval_shape(lambda: build_model(model_config, mesh, run.seed))
+@functools.lru_cache(maxsize=4)
+def make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, total_steps: int, mesh) -> Setup:
+  """Abstract model -> shardings, optimizer, sharded initializer and jitted steps (compiled on first call)."""
+  abstract_model = nnx.eval_shape(lambda: build_model(model_config, mesh, 0))
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
   labels = optim.param_labels(params)
-  tx = optim.make_optimizer(run.optimizer, run.steps, labels)
+  tx = optim.make_optimizer(optimizer, total_steps, labels)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   param_sh = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
-  rest_sh = nnx.to_pure_dict(sharding.state_shardings(rest, mesh))
-  abstract_params = nnx.to_pure_dict(params)
-  shardings = {"params": param_sh, "opt": optim.opt_state_shardings(tx, abstract_params, param_sh, replicated),
-               "rest": rest_sh, "step": replicated, "rng": replicated}
+  shardings = {"params": param_sh, "opt": optim.opt_state_shardings(tx, nnx.to_pure_dict(params), param_sh, replicated),
+               "rest": nnx.to_pure_dict(sharding.state_shardings(rest, mesh)), "step": replicated, "rng": replicated}
 
-  def init() -> State:
-    model = build_model(model_config, mesh, run.seed)
+  def init(seed: jax.Array) -> State:
+    model = build_model(model_config, mesh, seed)
     _, p, r = nnx.split(model, nnx.Param, ...)
     p = nnx.to_pure_dict(p)
     return {"params": p, "opt": tx.init(p), "rest": nnx.to_pure_dict(r), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(run.seed)}
+            "rng": jax.random.PRNGKey(seed)}
 
   init = jax.jit(init, out_shardings=shardings)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          jax.eval_shape(init), shardings)
-  return Setup(graphdef, tx, labels, shardings, abstract, init)
+                          jax.eval_shape(init, jnp.int32(0)), shardings)
+  schedule = optim.learning_rate_schedule(optimizer, total_steps)
+  train_step = make_train_step(graphdef, tx, _balance_update_fn(model_config), schedule)
+  return Setup(graphdef, tx, labels, shardings, abstract, init,
+               jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None)),
+               jax.jit(make_eval_step(graphdef)))
 
 
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def make_train_step(setup: Setup, model_config: ModelConfig, schedule: Callable) -> Callable[[State, Batch],
-                                                                                               tuple[State, dict]]:
-  """The jitted update: loss -> grads -> clipped optax groups -> MoE bias update (outside the gradient)."""
-  graphdef, tx, update_biases = setup.graphdef, setup.tx, _balance_update_fn(model_config)
+def intermediates(model: nnx.Module) -> dict[str, jax.Array]:
+  """Values the model recorded during the call as nnx.Intermediate, by dotted path (for logging)."""
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Intermediate))
+  return {".".join(map(str, path)): var.get_value() for path, var in flat}
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: Callable | None,
+                    schedule: Callable) -> Callable[[State, Batch], tuple[State, dict]]:
+  """The update: loss -> grads -> clipped optax groups -> MoE bias update (outside the gradient)."""
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["rest"])
       nll, count, aux = lm_terms(model, batch)
       ce = nll / jnp.maximum(count, 1.0)
+      aux = {**aux, **intermediates(model)}  # e.g. each Engram layer's mean gate
       return ce + aux.get("moe_aux_loss", 0.0), (ce, count, aux)
 
     (loss, (ce, count, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -176,17 +188,17 @@ def make_train_step(setup: Setup, model_config: ModelConfig, schedule: Callable)
                  "rng": jax.random.split(state["rng"])[0]}  # the key advances every step (reserved for noise)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0, out_shardings=(setup.shardings, None))
+  return train_step
 
 
-def make_eval_step(setup: Setup) -> Callable[[dict, dict, Batch], tuple[jax.Array, jax.Array]]:
-  """Jitted (params, rest, batch) -> (NLL sum, token count)."""
+def make_eval_step(graphdef) -> Callable[[dict, dict, Batch], tuple[jax.Array, jax.Array]]:
+  """(params, rest, batch) -> (NLL sum, token count)."""
 
   def eval_step(params, rest, batch):
-    nll, count, _ = lm_terms(nnx.merge(setup.graphdef, params, rest), batch)
+    nll, count, _ = lm_terms(nnx.merge(graphdef, params, rest), batch)
     return nll, count
 
-  return jax.jit(eval_step)
+  return eval_step
 
 
 def validation_loss(eval_step, state: State, batches: Sequence[dict]) -> float:
@@ -259,7 +271,7 @@ class Logger:
     self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
     self.jsonl.flush()
     for key, value in record.items():
-      arr = np.asarray(value, dtype=np.float64) if not isinstance(value, str) else None
+      arr = None if value is None or isinstance(value, str) else np.asarray(value, dtype=np.float64)
       if arr is None:
         continue
       if arr.ndim == 0:
@@ -336,15 +348,14 @@ def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str
   val_batches = [to_global(b, mesh) for b in val_batches]
 
   # --- model, optimizer, state (created sharded, or restored)
-  setup = make_setup(model_config, run, mesh)
+  setup = make_setup(model_config, run.optimizer, run.steps, mesh)
   start = checkpointer.latest_step()
   if start is None:
-    state, start = setup.init(), 0
+    state, start = setup.init(jnp.int32(run.seed)), 0
   else:
     state, data_position = checkpointer.restore(start, setup.abstract)
     train_iter.restore(data_position)
-  schedule = optim.learning_rate_schedule(run.optimizer, run.steps)
-  train_step, eval_step = make_train_step(setup, model_config, schedule), make_eval_step(setup)
+  train_step, eval_step = setup.train_step, setup.eval_step
   sizes = optim.group_sizes(setup.labels, setup.abstract["params"])
   logger = Logger(model_dir, chief)
   if chief:
