@@ -47,8 +47,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   for key in sorted(set(a) | set(b)):
     if key in NON_STRUCTURAL_FIELDS:
       continue
-    if a.get(key, "<absent>") != b.get(key, "<absent>"):
-      lines.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    if key not in a or key not in b or a[key] != b[key]:
+      show = lambda d: repr(d[key]) if key in d else "<absent>"
+      lines.append(f"{key}: {show(a)} -> {show(b)}")
   return lines
 
 
