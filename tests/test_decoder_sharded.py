@@ -1,6 +1,9 @@
-"""The sharded decoder (8 fake CPU devices) equals the single-device decoder in loss, logits and gradients."""
+"""The sharded decoder (8 fake CPU devices) equals the single-device decoder in loss, logits and gradients;
+no collective of the sharded step grows with the Engram table."""
 
 import dataclasses
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import pytest
 from flax import nnx
 
 from engram_jax import sharding
+from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.decoder import Decoder
@@ -34,7 +38,9 @@ def _step(model, tokens, segment_ids):
 
   @jax.jit
   def f(params, rest, tokens, segment_ids):
-    grad_fn = jax.value_and_grad(lambda p: _loss_fn(nnx.merge(graphdef, p, rest), tokens, segment_ids), has_aux=True)
+    # copy=True: fresh Variables at this trace level (Engram records nnx.Intermediate values during the call).
+    merge = lambda p: nnx.merge(graphdef, p, rest, copy=True)
+    grad_fn = jax.value_and_grad(lambda p: _loss_fn(merge(p), tokens, segment_ids), has_aux=True)
     return grad_fn(params)
 
   return f, (params, rest, tokens, segment_ids)
@@ -83,3 +89,48 @@ def test_sharded_capacity_path_reports_drops_when_capacity_is_small(batch):
   model = sharding.shard_module(Decoder(cfg, mesh, rngs=nnx.Rngs(0)), mesh)
   _, aux = nnx.jit(lambda m, t, s: m(t, s))(model, *batch)
   assert 0.0 < float(aux["dropped_fraction"]) < 1.0
+
+
+_COLLECTIVE = re.compile(r"= (.+?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_SHAPE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
+
+
+def _collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(op, element count of each result shape) for every collective in compiled HLO text, sorted."""
+  out = []
+  for shapes, op in _COLLECTIVE.findall(hlo):
+    for dims in _SHAPE.findall(shapes):
+      out.append((op, math.prod(int(d) for d in dims.split(",") if d)))
+  return sorted(out)
+
+
+@pytest.mark.parametrize("lookup", ["take", "shard_map"])
+def test_no_collective_grows_with_the_engram_table(batch, lookup):
+  """Compile the sharded loss + gradient with two table sizes (x4 rows): the collectives must be the same ops
+  on the same shapes, and none as large as the table's row count."""
+  mesh = sharding.make_mesh("data=2,expert=2,model=2")
+  tokens, segment_ids = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in batch)
+  found, rows = [], []
+  for base in ((1009, 1013), (4001, 4003)):
+    engram = EngramConfig(heads_per_order=2, head_dim=4, table_base_sizes=base, num_branches=2, lookup=lookup,
+                          table_row_multiple=8)
+    cfg = dataclasses.replace(CFG, num_layers=1, engram_layers=(0,), engram=engram)  # dense: compiles faster
+    model = sharding.shard_module(Decoder(cfg, mesh, rngs=nnx.Rngs(0)), mesh)
+    rows.append(model.blocks[0].engram.num_rows)
+    f, args = _step(model, tokens, segment_ids)
+    found.append(_collectives(f.lower(*args).compile().as_text()))
+  assert rows[1] > 3 * rows[0]
+  assert found[0], "expected some collectives on a sharded mesh"
+  assert found[0] == found[1]
+  assert max(n for _, n in found[1]) < rows[0], found[1]
+
+
+def test_collective_detector_flags_an_unpinned_table_gradient():
+  """Control for the test above: the gradient of a plain GSPMD take, its sharding left free, is all-reduced at
+  full table size (ENV_NOTES), and `_collectives` sees it."""
+  mesh = sharding.make_mesh("data=2,expert=2,model=2")
+  rows = 4096
+  table = jax.device_put(jnp.ones((rows, 4)), jax.NamedSharding(mesh, jax.P(("data", "expert", "model"), None)))
+  ids = jax.device_put(jnp.arange(64, dtype=jnp.int32).reshape(8, 8) * 61 % rows, sharding.batch_sharding(mesh))
+  grad = jax.jit(jax.grad(lambda t, i: jnp.sum(jnp.take(t, i, axis=0) ** 2)))
+  assert max(n for _, n in _collectives(grad.lower(table, ids).compile().as_text())) >= rows
