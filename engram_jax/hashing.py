@@ -276,14 +276,21 @@ def _shifted_np(x: np.ndarray, seg: np.ndarray, k: int, pad: int) -> np.ndarray:
   return np.where(same, xs, pad)
 
 
-def hash_ngrams_np(compressed_ids: np.ndarray, segment_ids: np.ndarray | None, spec: HashSpec) -> np.ndarray:
+def hash_ngrams_np(compressed_ids: np.ndarray, segment_ids: np.ndarray | None, spec: HashSpec, *,
+                   history: np.ndarray | None = None) -> np.ndarray:
   """Row ids local to each head, np.int32 [B, S, H] (head h reads row r + spec.offsets[h] of a flat table).
 
-  compressed_ids [B, S] in [0, V'); segment_ids [B, S] or None (one document per row).
+  compressed_ids [B, S] in [0, V'); segment_ids [B, S] or None (one document per row);
+  history [B, N-1] (optional, decode): the compressed ids just before this chunk (then segment_ids must be None).
   """
   x = np.asarray(compressed_ids)
   if x.ndim != 2:
     raise ValueError(f"hash_ngrams_np: compressed_ids must be [B, S], got shape {x.shape}")
+  s = x.shape[1]
+  if history is not None:
+    if segment_ids is not None:
+      raise ValueError("hash_ngrams_np: pass either history (decode) or segment_ids (packed rows), not both")
+    x = np.concatenate([np.asarray(history), x], axis=1)  # [B, N-1+S]
   if x.size and (x.min() < 0 or x.max() >= spec.vocab_size):
     raise ValueError(f"hash_ngrams_np: compressed ids must lie in [0, {spec.vocab_size}), got range "
                      f"[{x.min()}, {x.max()}]; map raw ids through the compression first")
@@ -298,7 +305,8 @@ def hash_ngrams_np(compressed_ids: np.ndarray, segment_ids: np.ndarray | None, s
     mix = np.bitwise_xor(mix, shifts[n - 1] * mults[n - 1])  # [B, S]: XOR over i < n.
     for p in spec.primes[n - 2]:
       out.append(mix % dt(p))
-  return np.stack(out, axis=-1).astype(np.int32)  # [B, S, H]
+  rows = np.stack(out, axis=-1).astype(np.int32)  # [B, S(+N-1), H]
+  return rows[:, x.shape[1] - s:]
 
 
 def _check_x64(spec: HashSpec) -> None:

@@ -134,6 +134,13 @@ def test_decode_steps_equal_full_pass(layers, fwd):
     ys.append(np.asarray(y))
   np.testing.assert_allclose(np.concatenate(ys, axis=1), full, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(cache.ids), COMP[np.asarray(ids[:, -2:])])
+  # A step with rows hashed on the host (prefetch path) equals the in-graph step.
+  nxt_h, nxt_ids = h[:, :1] * 0.5, ids[:, :1]
+  host = hashing.hash_ngrams_np(COMP[np.asarray(nxt_ids)], None, layer.spec, history=np.asarray(cache.ids))
+  y_host, c_host = layer.decode_step(nxt_h, nxt_ids, cache, hash_ids=jnp.asarray(host))
+  y_dev, c_dev = layer.decode_step(nxt_h, nxt_ids, cache)
+  np.testing.assert_array_equal(np.asarray(y_host), np.asarray(y_dev))
+  np.testing.assert_array_equal(np.asarray(c_host.conv), np.asarray(c_dev.conv))
 
 
 def test_host_hash_ids_equal_in_graph_hashing(layers, fwd):

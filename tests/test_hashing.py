@@ -183,6 +183,8 @@ def test_causality_and_history_chunks_equal_full_pass():
   for size in (1, 3, 1, 5, 7):
     chunk = jnp.asarray(ids[:, t:t + size], jnp.int32)
     outs.append(hashing.hash_ngrams_jnp(chunk, None, spec, history=hist))
+    np.testing.assert_array_equal(hashing.hash_ngrams_np(np.asarray(chunk), None, spec, history=np.asarray(hist)),
+                                  np.asarray(outs[-1]))
     hist = jnp.concatenate([hist, chunk], axis=1)[:, -3:]
     t += size
   np.testing.assert_array_equal(np.concatenate([np.asarray(o) for o in outs], axis=1), full)

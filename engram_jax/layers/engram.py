@@ -1,6 +1,6 @@
 """The Engram conditional-memory layer (arXiv 2601.07372, section 2) as Flax NNX modules and pure functions.
 
-Per token t (section 2.2-2.4 of the paper; eq. numbers follow the paper's section 2):
+Per token t (paper section 2: retrieval, context-aware gating, short convolution, multi-branch integration):
   e_t      = concat_{n,k} E[offset_{n,k} + hash_{n,k}(x'_{t-n+1..t})]           retrieval (hashing.py)
   k_t^g    = W_K^g e_t,  v_t = W_V e_t                                          one W_K and gate per branch g
   alpha^g  = sigmoid(ssqrt(RMSNorm(h_t^g) . RMSNorm(k_t^g) / sqrt(D)))          ssqrt(s) = sign(s) sqrt(max(|s|, 1e-6))
@@ -109,8 +109,12 @@ def lookup_shard_map(table: jax.Array, rows: jax.Array, mesh: Mesh,
     lo = jax.lax.axis_index(table_axes) * rows_local if table_axes else 0
     loc = ids - lo
     own = (loc >= 0) & (loc < rows_local)
-    part = jnp.take(tab, jnp.where(own, loc, 0), axis=0, mode="clip")  # [B, ..., d]
-    part = jnp.where(own[..., None], part, jnp.zeros((), part.dtype))
+    # Ids owned elsewhere point past the shard: the gather fills zeros, its transpose (scatter-add) drops them.
+    part = jnp.take(tab, jnp.where(own, loc, rows_local), axis=0, mode="fill", fill_value=0)  # [B, ..., d]
+    if rest_axes and part.shape[0] % _size(mesh, table_axes) == 0:
+      # Reduce-scatter over every row shard, then all-gather the rest: 1/|rest| of the bytes of a psum over rest.
+      part = jax.lax.psum_scatter(part, batch_axes + rest_axes, scatter_dimension=0, tiled=True)  # [B/n, ..., d]
+      return jax.lax.all_gather(part, rest_axes, axis=0, tiled=True, to="invarying")  # [B/b, ..., d]
     if rest_axes:
       part = jax.lax.psum(part, rest_axes)
     if batch_axes:
@@ -137,8 +141,11 @@ def lookup_all_to_all(table: jax.Array, rows: jax.Array, mesh: Mesh, capacity_fa
     m = flat.shape[0]
     cap = max(1, math.ceil(capacity_factor * m / n))
     dest = jnp.clip(flat // rows_local, 0, n - 1)  # [M] owning shard
-    first = jax.nn.one_hot(dest, n, dtype=jnp.int32)  # [M, n]
-    slot = jnp.take_along_axis(jnp.cumsum(first, axis=0), dest[:, None], axis=1)[:, 0] - 1  # [M]
+    # slot = how many earlier ids go to the same owner (first come, first served), via a stable sort: O(M) memory.
+    order = jnp.argsort(dest, stable=True)  # [M]
+    counts = jnp.bincount(dest, length=n)  # [n]
+    starts = jnp.cumsum(counts) - counts  # [n]
+    slot = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32) - starts[dest[order]])  # [M]
     keep = slot < cap
     send = jnp.zeros((n, cap), jnp.int32).at[dest, jnp.where(keep, slot, cap)].set(
         flat - dest * rows_local, mode="drop")  # [n, C] local row ids per owner
@@ -154,8 +161,12 @@ def lookup_all_to_all(table: jax.Array, rows: jax.Array, mesh: Mesh, capacity_fa
       dropped = jax.lax.psum(dropped, batch_axes)
     return out.reshape(ids.shape + (tab.shape[-1],)), dropped
 
+  # check_vma=False: the output is equal across the non-batch axes by construction (not provable by the type
+  # system). The table's spec names its size-1 axes too, so the backward has no psum over them (with check_vma off
+  # an unnamed axis would all-reduce a whole table shard, even over a group of one device).
   spec = PartitionSpec(_spec(batch_axes))
-  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(_spec(table_axes), None), spec),
+  table_spec = PartitionSpec(_spec(tuple(sharding.mesh_axes("table_rows", rules))), None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, spec),
                        out_specs=(spec, PartitionSpec()), check_vma=False)(table, rows)
 
 
@@ -361,13 +372,15 @@ class Engram(nnx.Module):
     return EngramDecodeCache(ids=jnp.full((batch_size, n - 1), self.spec.pad_id, jnp.int32),
                              conv=jnp.zeros((batch_size, self.conv_state_len, g, self.d_model), dtype))
 
-  def decode_step(self, h: jax.Array, token_ids: jax.Array, cache: EngramDecodeCache
-                  ) -> tuple[jax.Array, EngramDecodeCache]:
+  def decode_step(self, h: jax.Array, token_ids: jax.Array, cache: EngramDecodeCache, *,
+                  hash_ids: jax.Array | None = None) -> tuple[jax.Array, EngramDecodeCache]:
     """h [B, T, G, D], token_ids [B, T] (T = 1 per step; T > 1 prefills a chunk) -> (Y [B, T, G, D], new cache).
-    Feeding a sequence chunk by chunk gives the full pass's output."""
+    Feeding a sequence chunk by chunk gives the full pass's output. hash_ids [B, T, H] (optional): rows hashed on
+    the host (e.g. to prefetch them) with the same history."""
     self._check_h(h, token_ids)
     cids = self.compress(token_ids)  # [B, T]
-    hash_ids = hashing.hash_ngrams_jnp(cids, None, self.spec, history=cache.ids)  # [B, T, H]
+    if hash_ids is None:
+      hash_ids = hashing.hash_ngrams_jnp(cids, None, self.spec, history=cache.ids)  # [B, T, H]
     y, conv = self._apply(h, hash_ids, None, cache.conv)
     ids = jnp.concatenate([cache.ids, cids], axis=1)[:, -(self.config.max_ngram - 1):]  # [B, N-1]
     return y, EngramDecodeCache(ids=ids, conv=conv.astype(cache.conv.dtype))
