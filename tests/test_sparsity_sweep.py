@@ -1,0 +1,99 @@
+"""The sparsity-allocation sweep runner end to end: two tiny points trained on a corpus made here, results JSON and
+PNG written, budgets recorded, and a second invocation resumes (skips) finished runs.
+
+Letters: none (no arrays are shaped here).
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from engram_jax import budget
+from engram_jax.data import prepare
+from engram_jax.experiments import sparsity_allocation as sa
+
+TOY = "configs/experiments/sparsity_allocation_toy.gin"
+WORDS = ("the cat sat on a mat and a dog ran far away from the big red house with a green door in the small "
+         "town by the river").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """~300 short documents of a 26-word language with a 300-piece SentencePiece vocabulary."""
+  rng = np.random.default_rng(1)
+  docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(20, 80)))) + "." for _ in range(300)]
+  data_dir = tmp_path_factory.mktemp("corpus")
+  prepare.build_corpus(data_dir, {"toy": docs}, {"toy": {"license": "test"}}, vocab_size=300, num_train_shards=2,
+                       validation_fraction=0.05)
+  return str(data_dir)
+
+
+@pytest.fixture(scope="module")
+def swept(corpus, tmp_path_factory):
+  out = tmp_path_factory.mktemp("sweep")
+  argv = [f"--gin_file={TOY}", f"--gin.RunConfig.data_dir='{corpus}'", f"--gin.OUT_DIR='{out}'"]
+  return out, f"RunConfig.data_dir='{corpus}'", sa.main(argv)
+
+
+def test_sweep_writes_results_and_plot(swept):
+  out, _, results = swept
+  on_disk = json.loads((out / "results.json").read_text())
+  assert on_disk["summary"] == results["summary"]
+  assert [s["rho"] for s in on_disk["summary"]] == [1.0, 0.5]
+  assert "engram_jax.experiments.sparsity_allocation" in on_disk["command"]
+  assert on_disk["versions"]["jax"] and on_disk["versions"]["flax"]
+  runs = {r["rho"]: r for r in on_disk["runs"]}
+  for rho, run in runs.items():
+    val = run["train"]["val_curve"]
+    assert len(val) == 2 and all(np.isfinite(v) for _, v in val)  # eval every 3 of 6 steps
+    assert run["train"]["final_val_loss"] == val[-1][1]
+    assert run["tokens"] == 6 * 8 * 32
+    assert run["train_flops"] == pytest.approx(run["budget"]["budget"]["flops_per_token"] * run["tokens"])
+    assert (out / sa.run_name(rho, 0) / "sweep_result.json").is_file()
+  # The recorded budgets are those of the configs that were trained: iso-P_tot / P_act within the toy tolerance.
+  b1, b5 = runs[1.0]["budget"]["budget"], runs[0.5]["budget"]["budget"]
+  assert b1["engram_table"] == 0 and b5["engram_table"] > 0
+  assert abs(b5["total"] / b1["total"] - 1) < 0.02 and abs(b5["active"] / b1["active"] - 1) < 0.02
+  assert runs[0.5]["model_config"]["engram_layers"] == [1]
+  png = (out / "loss_vs_rho.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  plan = json.loads((out / "plan.json").read_text())
+  assert [p["rho_target"] for p in plan["points"]] == [1.0, 0.5]
+
+
+def test_summary_mean_and_std_over_seeds():
+  runs = [{"rho": 0.8, "train": {"final_val_loss": x}} for x in (2.0, 2.2, 2.4)] + [
+      {"rho": 1.0, "train": {"final_val_loss": 3.0}}]
+  summary = sa.summarise(runs)
+  assert [s["rho"] for s in summary] == [1.0, 0.8]
+  assert summary[1]["mean_val_loss"] == pytest.approx(2.2)
+  assert summary[1]["std_val_loss"] == pytest.approx(np.std([2.0, 2.2, 2.4], ddof=1))
+  assert summary[0]["std_val_loss"] == 0.0
+
+
+def test_second_invocation_skips_finished_runs(swept):
+  out, data_binding, first = swept
+  sweep, run, _ = sa.load_gin([TOY], [data_binding])
+
+  def must_not_train(*args):
+    raise AssertionError(f"run {args[2]} was trained again although its result exists")
+
+  again = sa.run_sweep(sweep, run, str(out), train_fn=must_not_train, log=lambda _: None)
+  assert again["summary"] == first["summary"]
+
+
+def test_changed_plan_refuses_stale_results(swept):
+  """A finished run whose model config differs from the new plan is an error, not silently reused."""
+  out, data_binding, _ = swept
+  sweep, run, _ = sa.load_gin([TOY], [data_binding, "SweepConfig.total_to_active = 3.0"])
+  with pytest.raises(ValueError, match="different model config"):
+    sa.run_sweep(sweep, run, str(out), train_fn=lambda *a: {}, log=lambda _: None)
+
+
+def test_budget_cli_prints_table(capsys):
+  sa.main([f"--gin_file={TOY}"], budget_only=True)
+  text = capsys.readouterr().out
+  sweep, run, _ = sa.load_gin([TOY])
+  allocs = sa.plan_sweep(sweep, run.seq_len)
+  assert budget.format_table(allocs) in text
