@@ -98,6 +98,12 @@ class Checkpointer:
                                                                   data=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"])
 
+  def restore_subset(self, step: int, abstract_subset: dict) -> dict:
+    """Only some top-level entries of the saved state (e.g. params and rest for evaluation, no optimizer)."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subset)
+    args = ocp.args.PyTreeRestore(item=abstract_subset, restore_args=restore_args, partial_restore=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

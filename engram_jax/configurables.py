@@ -75,7 +75,10 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: 
                            "(ModelConfig, MoEConfig, EngramConfig, RunConfig, OptimizerConfig, train, evaluate) "
                            "and macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, "
                            "CHECKPOINT_PATH).") from None
-  gin.finalize()
+  try:
+    gin.finalize()
+  except ValueError as e:  # e.g. a %gin.REQUIRED macro nobody set
+    raise GinConfigError(f"{e}\nFix: set it with --gin.NAME=VALUE (see the header of configs/runs/*.gin)") from None
 
 
 def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()):

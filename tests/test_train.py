@@ -100,6 +100,23 @@ def test_resume_equals_uninterrupted(corpus, straight, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_eval_of_checkpoints_reproduces_the_training_validation_losses(corpus, straight, tmp_path):
+  from engram_jax import eval as eval_lib
+  model_dir, result = straight
+  latest = eval_lib.evaluate(tiny_model(), tiny_run(corpus), model_dir, tmp_path)
+  assert latest["step"] == STEPS and latest["val_loss"] == result["val_curve"][-1][1]
+  assert latest["val_perplexity"] == pytest.approx(math.exp(latest["val_loss"]))
+  middle = eval_lib.evaluate(tiny_model(), tiny_run(corpus), model_dir / "checkpoints" / "6", tmp_path)
+  assert middle["step"] == 6 and middle["val_loss"] == result["val_curve"][0][1]
+  assert json.loads((tmp_path / "eval_step6.json").read_text())["val_loss"] == middle["val_loss"]
+  with pytest.raises(ValueError, match="no finished checkpoint 5"):
+    eval_lib.evaluate(tiny_model(), tiny_run(corpus), model_dir / "checkpoints" / "5")
+  with pytest.raises(ValueError, match="holds no checkpoints"):
+    eval_lib.evaluate(tiny_model(), tiny_run(corpus), tmp_path)
+  with pytest.raises(ValueError, match="different model config"):
+    eval_lib.evaluate(tiny_model(num_layers=3), tiny_run(corpus), model_dir)
+
+
 def test_cli_two_steps_writes_operative_config(corpus, tmp_path):
   """python -m engram_jax.train with gin files and --gin.X=Y overrides: 2 steps end to end."""
   model_dir = tmp_path / "cli"

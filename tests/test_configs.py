@@ -1,0 +1,103 @@
+"""Every gin file in configs/ parses and builds its model (abstractly: nnx.eval_shape, so base sizes cost nothing);
+gin mistakes fail with a message that names them, before anything is built."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from engram_jax import configurables, sharding, train
+from engram_jax.models.config import ModelConfig
+from engram_jax.models.decoder import Decoder
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_GIN = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.gin"))
+TRAIN_MACROS = ["MODEL_DIR='/tmp/unused'", "TRAIN_STEPS=10"]
+
+
+def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
+  """The (model config, mesh spec) pairs a gin file defines, the way its header says to run it."""
+  kind = Path(rel).parts[1]
+  if kind == "models":
+    model, run, _ = configurables.resolve("train", [rel, "configs/runs/pretrain.gin"], TRAIN_MACROS)
+  elif rel.endswith("runs/eval.gin"):
+    model, run, _, _ = configurables.resolve("evaluate", ["configs/models/engram_moe_tiny.gin", rel],
+                                             ["CHECKPOINT_PATH='/tmp/unused'"])
+  elif kind == "runs":
+    model, run, _ = configurables.resolve("train", ["configs/models/engram_moe_tiny.gin", rel], TRAIN_MACROS)
+  elif "sparsity_allocation." in (REPO / rel).read_text():  # the sweep runner's files: one model per rho
+    from engram_jax.experiments import sparsity_allocation as sweep_lib
+    sweep, run, _ = sweep_lib.load_gin([rel])
+    allocs = sweep_lib.plan_sweep(sweep, getattr(run, "seq_len", None))
+    return [(a.config, "data=-1") for a in (allocs[0], allocs[-1])]  # (its run mesh targets 1 device)
+  else:
+    model, run, _ = configurables.resolve("train", [rel])
+  return [(model, run.mesh)]
+
+
+@pytest.mark.parametrize("rel", ALL_GIN)
+def test_every_gin_file_parses_and_builds_its_model(rel):
+  for model_config, mesh_spec in resolve_models(rel):
+    assert isinstance(model_config, ModelConfig)
+    mesh = sharding.make_mesh(mesh_spec)
+    abstract = nnx.eval_shape(lambda: Decoder(model_config, mesh, rngs=nnx.Rngs(0)))
+    params = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    assert sum(int(np.prod(p.shape)) for p in params) > model_config.vocab_size * model_config.d_model
+    sharding.state_shardings(nnx.state(abstract), mesh)  # every parameter divides over the mesh
+
+
+def test_config_headers_say_how_to_run_them():
+  for rel in ALL_GIN:
+    header = (REPO / rel).read_text().split("\n\n")[0]
+    assert header.startswith("#") and "python -m engram_jax." in header, rel
+
+
+def test_quickstart_is_a_tiny_engram_moe_run():
+  model, run, model_dir = configurables.resolve("train", ["configs/experiments/quickstart.gin"])
+  assert model.moe is not None and model.engram_layers and model_dir
+  assert run.task == "engram_corpus_en" and run.steps * run.batch_size * run.seq_len < 5_000_000
+
+
+def test_unknown_parameter_fails_naming_it():
+  with pytest.raises(configurables.GinConfigError, match=r"ModelConfig.d_modle = 3.*doesn't have a parameter "
+                                                          r"named 'd_modle'"):
+    configurables.resolve("train", ["configs/experiments/quickstart.gin"], ["ModelConfig.d_modle = 3"])
+
+
+def test_unknown_configurable_and_misspelled_macro_fail():
+  with pytest.raises(configurables.GinConfigError, match="No configurable matching 'ModelConfg'"):
+    configurables.resolve("train", ["configs/experiments/quickstart.gin"], ["ModelConfg.d_model = 3"])
+  with pytest.raises(configurables.GinConfigError, match="no macro 'TRAIN_STEP' is declared"):
+    configurables.resolve("train", ["configs/experiments/quickstart.gin"], ["TRAIN_STEP = 3"])
+
+
+def test_missing_required_macro_names_it():
+  with pytest.raises(configurables.GinConfigError, match="MODEL_DIR"):
+    configurables.resolve("train", ["configs/models/dense_tiny.gin", "configs/runs/pretrain.gin"], ["TRAIN_STEPS=3"])
+
+
+def test_missing_gin_file_and_bad_flags():
+  with pytest.raises(configurables.GinConfigError, match="gin file 'configs/nope.gin' not found"):
+    configurables.resolve("train", ["configs/nope.gin"])
+  with pytest.raises(SystemExit):
+    train.parse_flags(["--gin_file=configs/experiments/quickstart.gin", "--steps=3"])
+  with pytest.raises(SystemExit):
+    train.parse_flags(["--gin.TRAIN_STEPS=3"])  # no gin file
+
+
+def test_bad_field_value_fails_at_construction():
+  with pytest.raises(configurables.GinConfigError, match=r"RunConfig.batch_size=0 must be >= 1"):
+    configurables.resolve("train", ["configs/experiments/quickstart.gin"], ["BATCH_SIZE = 0"])
+
+
+def test_flag_values_are_quoted_only_when_they_are_not_gin():
+  files, bindings, _ = train.parse_flags([
+      "--gin_file=a.gin", "--gin.MODEL_DIR=/tmp/x y", "--gin.TRAIN_STEPS=30", "--gin.RunConfig.mesh='data=2'",
+      "--gin.ModelConfig.moe=@MoEConfig()", "--gin.RunConfig.stop_after=None", "--gin.X=(1, 2)",
+      "--gin.MIXTURE_OR_TASK_NAME=engram_corpus_en", "--gin.Y=%TRAIN_STEPS"])
+  assert files == ["a.gin"]
+  assert bindings == ["MODEL_DIR = '/tmp/x y'", "TRAIN_STEPS = 30", "RunConfig.mesh = 'data=2'",
+                      "ModelConfig.moe = @MoEConfig()", "RunConfig.stop_after = None", "X = (1, 2)",
+                      "MIXTURE_OR_TASK_NAME = 'engram_corpus_en'", "Y = %TRAIN_STEPS"]
