@@ -140,7 +140,7 @@ def test_remat_equals_plain_in_loss_and_grads():
 
     return nnx.jit(nnx.value_and_grad(loss_fn))(model)
 
-  small = dataclasses.replace(MOE, num_layers=2)
+  small = dataclasses.replace(MOE, num_layers=1, num_dense_layers=0)  # one MoE block
   (l0, g0), (l1, g1) = loss_and_grads(small), loss_and_grads(dataclasses.replace(small, remat=True))
   np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), g0, g1)
@@ -194,3 +194,18 @@ def test_apply_balance_updates_moves_bias_against_load():
 def test_bad_config_fails_at_construction(change, match):
   with pytest.raises(ValueError, match=match):
     Decoder(dataclasses.replace(DENSE, **change), rngs=nnx.Rngs(0))
+
+
+def test_incremental_decode_equals_full_pass():
+  """Prefill 5 tokens, then one token per step: the logits equal the full pass (Engram, HC, dropless MoE)."""
+  model = Decoder(ENGRAM, rngs=nnx.Rngs(0))
+  tokens = _tokens(2, 9, seed=8)
+  full, _ = nnx.jit(lambda m, t: m(t))(model, tokens)
+  step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+  logits, cache = step(model, tokens[:, :5], model.init_cache(2, 9))
+  outs = [logits]
+  for i in range(5, 9):
+    logits, cache = step(model, tokens[:, i:i + 1], cache)
+    outs.append(logits)
+  assert int(cache.length) == 9
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, axis=1)), np.asarray(full), rtol=1e-5, atol=2e-5)

@@ -6,6 +6,9 @@ Letters: B batch, S sequence, G hyper-connection branches, D width, V vocabulary
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from engram_jax import sharding
 from engram_jax.layers import hyper_connections
-from engram_jax.layers.attention import Attention
+from engram_jax.layers.attention import Attention, KVCache
 from engram_jax.layers.moe import MoE, SwiGLU, validate_moe_config
 from engram_jax.layers.norms import RMSNorm
 from engram_jax.models.config import ModelConfig
@@ -98,17 +101,44 @@ class Block(nnx.Module):
       h = h + self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids).astype(h.dtype)  # [B, S, G, D]
     x, ctx = self.attn_hc.read(h)  # [B, S, D]
     h = self.attn_hc.write(ctx, self.attn(self.attn_norm(x), positions, segment_ids))  # [B, S, G, D]
-    x, ctx = self.ffn_hc.read(h)
+    return self._ffn(h, token_mask)
+
+  def _ffn(self, h, token_mask):
+    x, ctx = self.ffn_hc.read(h)  # [B, S, D]
     metrics = None
     if self.is_moe:
       y, metrics = self.ffn(self.ffn_norm(x), token_mask)
     else:
       y = self.ffn(self.ffn_norm(x))
-    return self.ffn_hc.write(ctx, y), metrics
+    return self.ffn_hc.write(ctx, y), metrics  # [B, S, G, D]
+
+  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids):
+    """Incremental form of __call__ (one document per row): returns (h', kv cache', engram cache')."""
+    if self.engram is not None:
+      y, engram_cache = self.engram.decode_step(h, tokens, engram_cache, hash_ids=hash_ids)
+      h = h + y.astype(h.dtype)  # [B, T, G, D]
+    x, ctx = self.attn_hc.read(h)
+    y, kv_cache = self.attn.decode(self.attn_norm(x), kv_cache, positions)
+    h, _ = self._ffn(self.attn_hc.write(ctx, y), None)
+    return h, kv_cache, engram_cache
 
 
 def _block_apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids):
   return block(h, tokens, positions, segment_ids, token_mask, hash_ids)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeCache:
+  """Decoding state: one KV cache per block and one Engram cache (last N-1 ids, conv inputs) per Engram layer."""
+
+  kv: list[KVCache]
+  engram: dict[int, Any]
+
+  @property
+  def length(self) -> jax.Array:
+    """Tokens fed so far (int32 scalar)."""
+    return self.kv[0].length
 
 
 class Decoder(nnx.Module):
@@ -155,9 +185,7 @@ class Decoder(nnx.Module):
       positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
                    if segment_ids is None else segment_positions(segment_ids))
     token_mask = None if segment_ids is None else segment_ids != 0
-    x = self.embed[...][tokens]  # [B, S, D]
-    h = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (c.hc_expansion, c.d_model))  # [B, S, G, D]
-    h = self._constrain(h.astype(jnp.float32), "batch", "sequence", "branches", "embed")
+    h = self._embed(tokens)  # [B, S, G, D]
     apply = nnx.remat(_block_apply) if c.remat else _block_apply
     moe_metrics, gates = [], []
     for i, block in enumerate(self.blocks):
@@ -168,15 +196,26 @@ class Decoder(nnx.Module):
         moe_metrics.append(metrics)
       if block.engram is not None:
         gates.append(block.engram.last_gate[...])  # [G] mean gate over the valid tokens of this call
-    x = self.final_norm(jnp.sum(h, axis=2))  # [B, S, D]
-    head = self.embed[...].T * c.d_model ** -0.5 if c.tie_embeddings else self.lm_head[...]  # [D, V]
-    dt = self.compute_dtype
-    logits = jnp.einsum("bsd,dv->bsv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
-    logits = self._constrain(logits, "batch", "sequence", "vocab")
+    logits = self._logits(h)
     aux = self._aux(moe_metrics)
     if gates:
       aux["engram_gate_mean"] = jnp.stack(gates)  # [L_engram, G], layers in config.engram_layers' sorted order
     return logits, aux
+
+  def _embed(self, tokens):
+    c = self.config
+    x = self.embed[...][tokens.astype(jnp.int32)]  # [B, S, D]
+    h = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (c.hc_expansion, c.d_model))  # [B, S, G, D]
+    return self._constrain(h.astype(jnp.float32), "batch", "sequence", "branches", "embed")
+
+  def _logits(self, h):
+    """Stream h [B, S, G, D] -> sum of branches -> RMSNorm -> LM head -> logits [B, S, V] float32."""
+    c = self.config
+    x = self.final_norm(jnp.sum(h, axis=2))  # [B, S, D]
+    head = self.embed[...].T * c.d_model ** -0.5 if c.tie_embeddings else self.lm_head[...]  # [D, V]
+    dt = self.compute_dtype
+    logits = jnp.einsum("bsd,dv->bsv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
+    return self._constrain(logits, "batch", "sequence", "vocab")
 
   def _aux(self, moe_metrics):
     """Flat dict: moe_aux_loss (weighted, summed over layers), expert_load [L_moe, E] (fractions of routed
@@ -198,3 +237,32 @@ class Decoder(nnx.Module):
   def moe_layers(self) -> list:
     """The MoE modules in layer order (the order of aux['expert_load'] rows)."""
     return [b.ffn for b in self.blocks if b.is_moe]
+
+  # ------------------------------------------------------------------ incremental decoding
+  def init_cache(self, batch: int, max_len: int) -> DecodeCache:
+    """Empty decoding state for `batch` rows of at most `max_len` tokens."""
+    kv = [b.attn.init_cache(batch, max_len) for b in self.blocks]
+    engram = {i: b.engram.init_decode_cache(batch, jnp.float32) for i, b in enumerate(self.blocks)
+              if b.engram is not None}
+    return DecodeCache(kv, engram)
+
+  def decode_step(self, tokens: jax.Array, cache: DecodeCache, positions: jax.Array | None = None,
+                  engram_hash_ids: dict[int, jax.Array] | None = None) -> tuple[jax.Array, DecodeCache]:
+    """Feeds tokens [B, T] (a prompt chunk or T = 1) after the cached ones; returns (logits [B, T, V], cache').
+
+    One document per row. positions default to cache.length + 0..T-1. Feeding a sequence chunk by chunk gives the
+    logits of the full pass (exactly so with dropless MoE; the capacity path may drop different assignments).
+    """
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (b, t))
+    h = self._embed(tokens)
+    kv, engram = [], {}
+    for i, block in enumerate(self.blocks):
+      hash_ids = None if engram_hash_ids is None else engram_hash_ids.get(i)
+      h, kv_i, engram_i = block.decode(h, tokens.astype(jnp.int32), positions, cache.kv[i], cache.engram.get(i),
+                                       hash_ids)
+      kv.append(kv_i)
+      if engram_i is not None:
+        engram[i] = engram_i
+    return self._logits(h), DecodeCache(kv, engram)
