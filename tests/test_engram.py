@@ -13,7 +13,7 @@ from flax import nnx
 from engram_jax import hashing, sharding
 from engram_jax.layers.engram import Engram, EngramCompression, EngramTable, build_engram_layers
 from engram_jax.layers.engram_config import EngramConfig
-from tests import reference_engram as ref
+import reference_engram as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 CFG = EngramConfig(max_ngram=3, heads_per_order=2, head_dim=4, table_base_sizes=(31, 37), num_branches=2,
                    seed=5, table_row_multiple=16)
@@ -205,6 +205,11 @@ def test_bad_construction_raises(layers):
     build_engram_layers(CFG, [1, 1], D, COMP, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="hash_ids"):
     layers[1](jnp.zeros((1, 4, 2, D)), jnp.zeros((1, 4), jnp.int32), hash_ids=jnp.zeros((1, 4, 3), jnp.int32))
+  with pytest.raises(ValueError, match="raw vocabulary"):
+    layers[1](jnp.zeros((1, 4, 2, D)), jnp.full((1, 4), V_RAW, jnp.int32))
+  flat_rows = jnp.full((1, 4, 4), layers[1].spec.total_rows - 1, jnp.int32)
+  with pytest.raises(ValueError, match="local rows"):
+    layers[1](jnp.zeros((1, 4, 2, D)), jnp.zeros((1, 4), jnp.int32), hash_ids=flat_rows)
   mesh = sharding.make_mesh("data=2,expert=2,model=2")
   rules = tuple((k, "data" if k == "table_rows" else v) for k, v in sharding.DEFAULT_RULES)
   with pytest.raises(ValueError, match="lookup='shard_map'"):

@@ -9,7 +9,7 @@ import pytest
 
 from engram_jax import hashing
 from engram_jax.layers.engram_config import EngramConfig
-from tests import reference_engram as ref
+import reference_engram as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! Café au lait, cafe au lait.\n"

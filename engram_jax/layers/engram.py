@@ -239,6 +239,11 @@ def short_conv(x: jax.Array, weight: jax.Array, norm_scale: jax.Array, dilation:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _concrete(x) -> bool:
+  """True for a value known now (numpy or a committed jax array), False under tracing."""
+  return not isinstance(x, jax.core.Tracer)
+
+
 def _padded_rows(total: int, multiple: int) -> int:
   return -(-total // multiple) * multiple
 
@@ -333,6 +338,18 @@ class Engram(nnx.Module):
                        "EngramConfig.num_branches must equal the hyper-connection expansion")
     if token_ids.shape != h.shape[:2]:
       raise ValueError(f"token_ids {token_ids.shape} must be [B, S] = {h.shape[:2]}")
+    if _concrete(token_ids) and token_ids.size and not 0 <= int(jnp.min(token_ids)) <= int(jnp.max(token_ids)) < (
+        self.compression[...].shape[0]):
+      raise ValueError(f"token_ids must lie in the raw vocabulary [0, {self.compression[...].shape[0]}) of the "
+                       "compression map")
+
+  def _check_hash_ids(self, hash_ids: jax.Array, token_ids: jax.Array) -> None:
+    if hash_ids.shape != token_ids.shape + (self.spec.num_heads,):
+      raise ValueError(f"hash_ids {hash_ids.shape} must be [B, S, H={self.spec.num_heads}]")
+    if _concrete(hash_ids) and hash_ids.size and (
+        (np.asarray(hash_ids) < 0) | (np.asarray(hash_ids) >= self.spec.head_sizes)).any():
+      raise ValueError("hash_ids must be per-head local rows in [0, prime of the head) (hashing.hash_ngrams_np), "
+                       "not rows of the flat table")
 
   def _apply(self, h: jax.Array, hash_ids: jax.Array, segment_ids: jax.Array | None,
              conv_state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -361,8 +378,8 @@ class Engram(nnx.Module):
     self._check_h(h, token_ids)
     if hash_ids is None:
       hash_ids = self.hash(token_ids, segment_ids)
-    elif hash_ids.shape != token_ids.shape + (self.spec.num_heads,):
-      raise ValueError(f"hash_ids {hash_ids.shape} must be [B, S, H={self.spec.num_heads}]")
+    else:
+      self._check_hash_ids(hash_ids, token_ids)
     y, _ = self._apply(h, hash_ids, segment_ids, None)
     return y
 
@@ -381,6 +398,8 @@ class Engram(nnx.Module):
     cids = self.compress(token_ids)  # [B, T]
     if hash_ids is None:
       hash_ids = hashing.hash_ngrams_jnp(cids, None, self.spec, history=cache.ids)  # [B, T, H]
+    else:
+      self._check_hash_ids(hash_ids, token_ids)
     y, conv = self._apply(h, hash_ids, None, cache.conv)
     ids = jnp.concatenate([cache.ids, cids], axis=1)[:, -(self.config.max_ngram - 1):]  # [B, N-1]
     return y, EngramDecodeCache(ids=ids, conv=conv.astype(cache.conv.dtype))
