@@ -320,6 +320,10 @@ def solve_allocation(backbone: ModelConfig, engram: EngramConfig, engram_layers:
     raise ValueError(f"solve_allocation: rho={rho} leaves {table_params} parameters for {n_heads} Engram heads "
                      f"(< 2 rows each); raise p_total or rho")
   sized = dataclasses.replace(engram, table_base_sizes=(int(rows_per_head),) * (engram.max_ngram - 1))
+  # Primes above the base and the padding of each flat table add rows: take them back from the base once.
+  excess = compute_budget(dataclasses.replace(cfg, engram=sized), seq_len).total - target_total
+  rows_per_head = max(2, rows_per_head - round(excess / (engram.head_dim * n_heads)))
+  sized = dataclasses.replace(engram, table_base_sizes=(int(rows_per_head),) * (engram.max_ngram - 1))
   cfg = dataclasses.replace(cfg, engram=sized)
   alloc = Allocation(rho, cfg, compute_budget(cfg, seq_len), target_total, rb.active, rb.flops_per_token)
   for name, err in (("P_tot", alloc.total_error), ("P_act", alloc.active_error), ("FLOPs", alloc.flops_error)):
