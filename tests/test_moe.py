@@ -138,10 +138,12 @@ def dropless_result(tokens):
   return _loss_and_grads(_module(CFG), tokens)
 
 
-@pytest.mark.parametrize("spec", ["data=2,expert=4", "data=2,expert=2,model=2"])
-def test_expert_parallel_capacity_path_equals_single_device_dropless(tokens, dropless_result, spec):
+@pytest.mark.parametrize("spec, dispatch", [("data=2,expert=4", "capacity"), ("data=2,expert=2,model=2", "capacity"),
+                                            ("data=4,model=2", "dropless")])
+def test_sharded_moe_equals_single_device_dropless(tokens, dropless_result, spec, dispatch):
+  """Expert-parallel capacity path (all-to-all) and the data/model-parallel dropless path (ragged_dot per shard)."""
   mesh = sharding.make_mesh(spec)
-  cfg = dataclasses.replace(CFG, dispatch="capacity", capacity_factor=E / K)  # C = local tokens: nothing drops
+  cfg = dataclasses.replace(CFG, dispatch=dispatch, capacity_factor=E / K)  # C = local tokens: nothing drops
   module = sharding.shard_module(_module(cfg, mesh), mesh)
   y, metrics, grads = _loss_and_grads(module, tokens)
   y0, metrics0, grads0 = dropless_result
