@@ -73,8 +73,8 @@ class Checkpointer:
       if diff:
         raise ValueError(
             f"checkpoints in {self.directory} belong to a different model config:\n  " + "\n  ".join(diff) +
-            "\nFix: use a new model_dir (MODEL_DIR) for this config, or restore the config saved in "
-            f"{path}.")
+            f"\nFix: use the model config saved in {path} (the same configs/models/*.gin and overrides), or "
+            "train this config in a new model_dir (MODEL_DIR).")
       return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")

@@ -85,11 +85,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
   gin_files, bindings, args = train.parse_flags(sys.argv[1:] if argv is None else argv)
   from engram_jax import configurables  # registers the library's classes with gin
   if args.distributed:
-    jax.distributed.initialize()
+    train.initialize_distributed()
   model_config, run, checkpoint_path, output_dir = configurables.resolve("evaluate", gin_files, bindings,
                                                                          args.gin_search_path)
   return evaluate(model_config, run, checkpoint_path, output_dir)
 
 
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy
+  from engram_jax import eval as _entry
+  _entry.main()

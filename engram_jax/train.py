@@ -470,15 +470,28 @@ def _gin_value(value: str) -> str:
     return repr(v)
 
 
+def initialize_distributed() -> None:
+  """jax.distributed.initialize from ENGRAM_COORDINATOR / ENGRAM_NUM_PROCESSES / ENGRAM_PROCESS_ID when set (local
+  multi-process, see launch/multiprocess.py; CPU processes talk through gloo), else auto-detection (Cloud TPU)."""
+  if "ENGRAM_COORDINATOR" in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=os.environ["ENGRAM_COORDINATOR"],
+                               num_processes=int(os.environ["ENGRAM_NUM_PROCESSES"]),
+                               process_id=int(os.environ["ENGRAM_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   gin_files, bindings, args = parse_flags(sys.argv[1:] if argv is None else argv)
   from engram_jax import configurables  # registers the library's classes with gin
   if args.distributed:
-    jax.distributed.initialize()
+    initialize_distributed()
   model_config, run, model_dir = configurables.resolve("train", gin_files, bindings, args.gin_search_path)
   configurables.write_operative_config(model_dir)
   return train_and_evaluate(model_config, run, model_dir)
 
 
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy
+  from engram_jax import train as _entry
+  _entry.main()

@@ -75,7 +75,7 @@ def test_model_config_guard(tmp_path):
   with pytest.raises(ValueError) as e:
     ckpt.check_model_config(other)
   msg = str(e.value)
-  assert "d_model: 16 -> 32" in msg and "engram.head_dim: 4 -> 8" in msg and "new model_dir" in msg
+  assert "d_model: 16 -> 32" in msg and "engram.head_dim: 4 -> 8" in msg and "new model_dir (MODEL_DIR)" in msg
   assert "compute_dtype" not in msg
 
 

@@ -146,7 +146,7 @@ def test_batch_not_divisible_by_mesh_fails_before_compiling(corpus, tmp_path):
 
 def test_checkpoint_of_another_model_config_is_refused(corpus, straight):
   model_dir, _ = straight
-  with pytest.raises(ValueError, match=r"different model config:\n  d_model: 32 -> 48\n.*new model_dir"):
+  with pytest.raises(ValueError, match=r"different model config:\n  d_model: 32 -> 48\nFix: .*new model_dir"):
     train.train_and_evaluate(tiny_model(d_model=48), tiny_run(corpus, steps=2 * STEPS), model_dir)
 
 
@@ -176,3 +176,22 @@ def test_cross_entropy_matches_numpy():
   ref = -sum(logp[b, s, targets[b, s]] for b in range(2) for s in range(3) if weights[b, s])
   np.testing.assert_allclose(float(nll), ref, rtol=1e-5)
   assert float(count) == 3
+
+
+@pytest.mark.slow
+def test_two_process_cpu_job_trains(corpus, tmp_path):
+  """launch/multiprocess.py: 2 processes x 2 CPU devices form one jax.distributed job on a data=2,expert=2 mesh."""
+  import subprocess
+  import sys
+  model_dir = tmp_path / "mp"
+  cmd = [sys.executable, "launch/multiprocess.py", "--num_processes=2", "--devices_per_process=2",
+         f"--log_dir={tmp_path / 'logs'}", "--", "--gin_file=configs/experiments/quickstart.gin",
+         f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64",
+         f"--gin.RunConfig.data_dir={corpus}", "--gin.ModelConfig.vocab_size=320",
+         "--gin.RunConfig.mesh='data=2,expert=2'", "--gin.MoEConfig.dispatch='capacity'",
+         "--gin.OptimizerConfig.warmup_steps=1"]
+  env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+  subprocess.run(cmd, check=True, env=env, cwd=ckpt_lib.Path(__file__).resolve().parent.parent, timeout=600)
+  result = json.loads((model_dir / "result.json").read_text())
+  assert result["steps"] == 6 and result["train_curve"][-1][1] < result["train_curve"][0][1]
+  assert ckpt_lib.Checkpointer(model_dir / "checkpoints").latest_step() == 6
