@@ -51,6 +51,7 @@ def test_sweep_writes_results_and_plot(swept):
     assert run["tokens"] == 6 * 8 * 32
     assert run["train_flops"] == pytest.approx(run["budget"]["budget"]["flops_per_token"] * run["tokens"])
     assert (out / sa.run_name(rho, 0) / "sweep_result.json").is_file()
+    assert 0.0 <= run["routing"]["mean_dropped_fraction"] < 0.5  # capacity dispatch, factor 1.5
   # The recorded budgets are those of the configs that were trained: iso-P_tot / P_act within the toy tolerance.
   b1, b5 = runs[1.0]["budget"]["budget"], runs[0.5]["budget"]["budget"]
   assert b1["engram_table"] == 0 and b5["engram_table"] > 0

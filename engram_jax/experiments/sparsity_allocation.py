@@ -116,6 +116,22 @@ def final_loss(result: dict) -> float:
   raise KeyError(f"train result has no final validation loss; keys: {sorted(result)}")
 
 
+def routing_stats(run_dir: str) -> dict:
+  """From the run's metrics.jsonl: mean MoE drop fraction over logged steps (capacity dispatch drops tokens, and
+  fewer experts at lower rho could drop more), the last max/mean expert load and the last Engram gate means."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  drops = [r["aux/dropped_fraction"] for r in records if "aux/dropped_fraction" in r]
+  out = {"mean_dropped_fraction": sum(drops) / len(drops) if drops else None}
+  for key, name in (("aux/max_over_mean_load", "last_max_over_mean_load"), ("aux/engram_gate_mean", "last_gate")):
+    values = [r[key] for r in records if key in r]
+    out[name] = values[-1] if values else None
+  return out
+
+
 def summarise(runs: Sequence[dict]) -> list[dict]:
   """Per rho: mean and sample std of the final validation loss over seeds."""
   out = []
@@ -198,7 +214,8 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
       tokens = run_tokens(run_cfg)
       record = {"name": name, "rho": alloc.rho_target, "seed": seed, "wall_s": wall,
                 "tokens": tokens, "train_flops": alloc.budget.flops_per_token * tokens if tokens else None,
-                "budget": alloc.as_dict(), "model_config": model_json, "run_config": run_cfg, "train": result}
+                "budget": alloc.as_dict(), "model_config": model_json, "run_config": run_cfg,
+                "routing": routing_stats(run_dir), "train": result}
       _write_json(path, record)
       runs.append(_jsonable(record))
       log(f"[{name}] val loss {final_loss(result):.4f} in {wall:.0f} s")
