@@ -75,10 +75,13 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: 
                            "(ModelConfig, MoEConfig, EngramConfig, RunConfig, OptimizerConfig, train, evaluate) "
                            "and macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, "
                            "CHECKPOINT_PATH).") from None
-  try:
-    gin.finalize()
-  except ValueError as e:  # e.g. a %gin.REQUIRED macro nobody set
-    raise GinConfigError(f"{e}\nFix: set it with --gin.NAME=VALUE (see the header of configs/runs/*.gin)") from None
+  # Finalize hooks find %gin.REQUIRED macros nobody set and unknown references. The config stays unlocked so
+  # other entry points (e.g. the sparsity sweep) can still register their configurables in this process.
+  with gin.unlock_config():
+    try:
+      gin.finalize()
+    except ValueError as e:
+      raise GinConfigError(f"{e}\nFix: set it with --gin.NAME=VALUE (see the header of configs/runs/*.gin)") from None
 
 
 def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()):
@@ -88,8 +91,9 @@ def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), s
   fn = {"train": train_args, "evaluate": eval_args}[kind]
   try:
     return fn()
-  except (ValueError, TypeError, RuntimeError) as e:
-    raise GinConfigError(f"{kind}: {e}") from None
+  except (ValueError, TypeError, RuntimeError) as e:  # e.g. a %gin.REQUIRED macro nobody set, a bad field value
+    raise GinConfigError(f"{kind}: {e}\nFix: set required macros with --gin.NAME=VALUE (see the header of "
+                         "configs/runs/*.gin); field errors name the field.") from None
 
 
 def write_operative_config(directory: str | os.PathLike, name: str = "config.gin") -> Path:
