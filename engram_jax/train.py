@@ -300,6 +300,16 @@ def summarize(metrics: list[dict]) -> dict[str, Any]:
   return out
 
 
+def _moe_engram_text(record: dict) -> str:
+  """' | load max/mean 1.31 | gate 0.47' when the model has MoE / Engram layers."""
+  text = ""
+  if "aux/max_over_mean_load" in record:
+    text += f" | load max/mean {record['aux/max_over_mean_load']:.2f}"
+  if "aux/engram_gate_mean" in record:
+    text += f" | gate {np.mean(record['aux/engram_gate_mean']):.2f}"
+  return text
+
+
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
@@ -365,6 +375,10 @@ def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str
   stop = run.stop_after or run.steps
   tokens_per_step = run.batch_size * run.seq_len
   train_curve, val_curve, pending = [], [], []
+  if start == 0:  # the untrained model's validation loss anchors the curve
+    val = validation_loss(eval_step, state, val_batches)
+    val_curve.append((0, val))
+    logger.write(0, {"val_loss": val}, f"step 0/{stop} | validation loss {val:.4f}")
   t_window, steps_window, t_loop = time.time(), 0, time.time()
   t_compiled = t_loop
   step = start
@@ -386,7 +400,7 @@ def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str
       eta = (stop - step) * elapsed / max(steps_window, 1)
       train_curve.append((step, record["loss"]))
       logger.write(step, record, f"step {step}/{stop} | loss {record['loss']:.4f} | "
-                   f"{record['tokens_per_s'] or 0:,.0f} tok/s | lr {record['lr']:.2e} | "
+                   f"{record['tokens_per_s'] or 0:,.0f} tok/s | lr {record['lr']:.2e}{_moe_engram_text(record)} | "
                    f"elapsed {_duration(time.time() - t_loop)} | ETA {_duration(eta)}")
       pending, t_window, steps_window = [], time.time(), 0
     if step % run.eval_every == 0 or step == stop:
