@@ -11,7 +11,8 @@ The variants come from configs/experiments/sparsity_allocation_cpu.gin (the CPU 
 Every variant runs the real training step of engram_jax.train (optimizer groups, clipping, MoE balance update)
 on one CPU device and a random packed token batch; steps are timed round-robin across variants (one step of each
 in turn) so load from other processes on a shared machine falls on all alike. Reported: compile time, median
-step time, tokens/s, ratio to the MoE step, XLA's memory analysis of each compiled step (arguments = params +
+step time, tokens/s, ratio to the MoE step, process CPU seconds per step (robust to load), the step split into
+forward+backward alone and optimizer update alone, XLA's memory analysis of each compiled step (arguments = params +
 optimizer state + batch; temp = scratch), the process's peak RSS, and P_tot / P_act / FLOPs per token. Table printed, JSON written to benchmarks/results/train_step.json.
 """
 
@@ -66,23 +67,44 @@ def build(config, table_optimizer: str, batch: int, seq: int) -> dict:
   info = {"compile_s": compile_s}
   for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"):
     info[k] = int(getattr(mem, k, 0) or 0) if mem is not None else None
-  return {"step": compiled, "state": state, "batch": data, "info": info}
+  # Where the time goes: forward + backward alone, and the optimizer update alone (on stand-in gradients).
+  import jax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  def loss(params, rest, batch):
+    nll, count, aux = train.lm_terms(nnx.merge(setup.graphdef, params, rest), batch)
+    return nll / jnp.maximum(count, 1.0) + aux["moe_aux_loss"]
+
+  grad_only = jax.jit(lambda p, r, b: optax.global_norm(jax.grad(loss)(p, r, b)))
+  update_only = jax.jit(lambda p, o, g: optax.apply_updates(p, setup.tx.update(g, o, p)[0]))
+  ones = jax.tree.map(jnp.ones_like, state["params"])
+  parts = {"fwd_bwd": lambda st: grad_only(st["params"], st["rest"], data),  # st: the live (not donated) state
+           "update": lambda st: update_only(st["params"], st["opt"], ones)}
+  return {"step": compiled, "state": state, "batch": data, "info": info, "parts": parts}
 
 
-def time_round_robin(built: dict[str, dict], steps: int) -> dict[str, list[float]]:
-  """One warm-up step each, then `steps` rounds timing one step of every variant in turn, so that load from
-  other processes on a shared machine falls on all variants alike."""
+def time_round_robin(built: dict[str, dict], steps: int) -> dict[str, dict[str, list[float]]]:
+  """One warm-up call each, then `steps` rounds timing one call of every (variant, part) in turn, so that load from
+  other processes on a shared machine falls on all alike. Wall and process CPU seconds (XLA's CPU time over all
+  threads: robust to load, about 2x the unloaded wall time on 2 cores)."""
   import jax  # noqa: PLC0415
 
-  times = {name: [] for name in built}
+  times = {name: {k: [] for k in ("step", "step_cpu", "fwd_bwd", "update")} for name in built}
   for rnd in range(steps + 1):
     for name, b in built.items():
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       b["state"], m = b["step"](b["state"], b["batch"])
       jax.block_until_ready(m)
       if rnd:
-        times[name].append(time.perf_counter() - t)
+        times[name]["step"].append(time.perf_counter() - t)
+        times[name]["step_cpu"].append(time.process_time() - c)
       b["loss"] = float(m["loss"])
+      for part, fn in b["parts"].items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn(b["state"]))
+        if rnd:
+          times[name][part].append(time.perf_counter() - t)
   return times
 
 
@@ -134,26 +156,35 @@ def main(argv=None):
   times = time_round_robin(built, args.steps)
   for r in rows:
     t = times[r["name"]]
-    med = statistics.median(t)
-    r.update(step_ms_median=1e3 * med, step_ms_min=1e3 * min(t), step_ms_all=[1e3 * x for x in t],
+    med = statistics.median(t["step"])
+    r.update(step_ms_median=1e3 * med, step_ms_min=1e3 * min(t["step"]), step_ms_all=[1e3 * x for x in t["step"]],
+             step_cpu_s_median=statistics.median(t["step_cpu"]),
+             fwd_bwd_ms_median=1e3 * statistics.median(t["fwd_bwd"]),
+             update_ms_median=1e3 * statistics.median(t["update"]),
              tokens_per_s=args.batch * args.seq / med, loss_last=built[r["name"]]["loss"])
   moe_ms = next(r["step_ms_median"] for r in rows if r["name"] == "moe")
   for r in rows:
     r["step_ratio_vs_moe"] = r["step_ms_median"] / moe_ms
+  moe_cpu = next(r["step_cpu_s_median"] for r in rows if r["name"] == "moe")
+  for r in rows:
+    r["cpu_ratio_vs_moe"] = r["step_cpu_s_median"] / moe_cpu
 
   head = (f"{'variant':<24} {'E':>3} {'P_tot':>9} {'P_act':>8} {'FLOPs/tok':>10} {'compile s':>9} {'step ms':>8} "
-          f"{'tok/s':>7} {'x MoE':>6} {'state MB':>8} {'temp MB':>8}")
+          f"{'tok/s':>7} {'x MoE':>6} {'cpu s':>6} {'x MoE':>6} {'fwd+bwd':>8} {'update':>7} {'state MB':>8} "
+          f"{'temp MB':>8}")
   lines = [head, "-" * len(head)]
   for r in rows:
     lines.append(f"{r['name']:<24} {r['num_experts']:3d} {r['p_total'] / 1e6:8.3f}M {r['p_active'] / 1e6:7.3f}M "
                  f"{r['flops_per_token'] / 1e6:9.2f}M {r['compile_s']:9.1f} {r['step_ms_median']:8.1f} "
-                 f"{r['tokens_per_s']:7.0f} {r['step_ratio_vs_moe']:6.3f} "
+                 f"{r['tokens_per_s']:7.0f} {r['step_ratio_vs_moe']:6.3f} {r['step_cpu_s_median']:6.2f} "
+                 f"{r['cpu_ratio_vs_moe']:6.3f} {r['fwd_bwd_ms_median']:8.1f} {r['update_ms_median']:7.1f} "
                  f"{(r['argument_size_in_bytes'] or 0) / 2**20:8.1f} {(r['temp_size_in_bytes'] or 0) / 2**20:8.1f}")
   table = "\n".join(lines)
   print(f"\ntrain step, batch {args.batch} x seq {args.seq}, median of {args.steps} round-robin steps, 1 CPU "
         f"device ({os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.1f}); state MB = params + "
-        f"optimizer state + batch (XLA arguments), temp MB = XLA scratch of the compiled step; peak RSS of this "
-        f"process {_rss_mb():.0f} MB\n{table}")
+        f"optimizer state + batch (XLA arguments), temp MB = XLA scratch of the compiled step; cpu s = process "
+        f"CPU seconds per step (all threads); fwd+bwd / update = ms of the gradient alone / the optimizer update "
+        f"alone; peak RSS of this process {_rss_mb():.0f} MB\n{table}")
   os.makedirs(os.path.dirname(args.json), exist_ok=True)
   result = {"command": " ".join([sys.executable] + sys.argv), "versions": software_versions(),
             "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor()},
