@@ -225,3 +225,18 @@ def test_docs_example_runs():
   exec(compile(code, "docs/engram_layer.md", "exec"), scope)
   losses = scope["losses"]
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_paper_size_layer_builds_abstractly():
+  """Engram-27B's module (d_mem 1280 = 16 heads x 80, per-head tables of ~2.26M rows, 4 branches, layers 2
+  and 15) builds under nnx.eval_shape without allocating its 2 x 2.9 GB tables."""
+  cfg = EngramConfig(max_ngram=3, heads_per_order=8, head_dim=80, table_base_sizes=(2_262_400, 2_262_400),
+                     num_branches=4, memory_dim=1280)
+  abstract = nnx.eval_shape(lambda: build_engram_layers(cfg, [2, 15], 2560, hashing.identity_compression(129_280),
+                                                        rngs=nnx.Rngs(0)))
+  rows = {l: m.table.get_value().shape[0] for l, m in abstract.items()}
+  for l, m in abstract.items():
+    assert min(p for o in m.spec.primes for p in o) >= 2_262_400
+    assert rows[l] % 1024 == 0 and 0 <= rows[l] - m.spec.total_rows < 1024
+    assert m.key_proj.get_value().shape == (4, 1280, 2560) and m.value_proj.get_value().shape == (1280, 2560)
+  assert 2 * 16 * 2_262_400 <= sum(rows.values()) < 2 * 16 * 2_263_000
