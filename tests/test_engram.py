@@ -58,11 +58,16 @@ def _inputs(b=2, s=14, seed=0):
   return h, ids
 
 
-def _reference(layer: Engram, layer_id: int, h, ids, seg):
+def _reference(layer: Engram, layer_id: int, h, ids, seg, hash_bits=32):
   """The layer's output recomputed by tests/reference_engram.py from the raw parameters."""
   primes = ref.demo_primes(LAYERS, CFG.max_ngram, CFG.heads_per_order, CFG.table_base_sizes)[layer_id]
-  mult = ref.uint32_multipliers(CFG.seed, layer_id, CFG.max_ngram)
-  local = ref.hash32_python(COMP[np.asarray(ids)], seg, mult, primes, int(COMP[CFG.pad_id]))
+  pad = int(COMP[CFG.pad_id])
+  if hash_bits == 32:
+    mult = ref.uint32_multipliers(CFG.seed, layer_id, CFG.max_ngram)
+    local = ref.hash32_python(COMP[np.asarray(ids)], seg, mult, primes, pad)
+  else:  # the demo's int64 hash (no segment ids in the demo)
+    mult = ref.demo_multipliers(CFG.seed, layer_id, CFG.max_ngram, int(COMP.max()) + 1)
+    local = ref.demo_ngram_hashes(COMP[np.asarray(ids)], mult, primes, pad)
   sizes = [p for order in primes for p in order]
   rows = local + np.concatenate([[0], np.cumsum(sizes)[:-1]])
   p = {k: np.asarray(getattr(layer, k)[...], np.float64) for k in
@@ -81,6 +86,17 @@ def test_forward_matches_numpy_reference(layers, fwd, layer_id):
   got1 = fwd(layers[layer_id], h, ids)
   np.testing.assert_allclose(np.asarray(got1), _reference(layers[layer_id], layer_id, h, ids, None),
                              rtol=2e-5, atol=2e-5)
+
+
+def test_int64_hash_mode_layer_matches_demo_hashing_reference():
+  """hash_bits=64 (jax x64 on, only here): the layer reads the rows of the demo's int64 hash; params stay f32."""
+  cfg = EngramConfig(**{**CFG.__dict__, "hash_bits": 64})
+  h, ids = _inputs(seed=8)
+  with jax.enable_x64(True):
+    layer = _randomise(build_engram_layers(cfg, LAYERS, D, COMP, rngs=nnx.Rngs(0))[4])
+    assert layer.table[...].dtype == jnp.float32
+    got = np.asarray(layer(h, ids))
+  np.testing.assert_allclose(got, _reference(layer, 4, h, ids, None, hash_bits=64), rtol=2e-5, atol=2e-5)
 
 
 def test_primes_unique_across_layers_and_table_padded(layers):

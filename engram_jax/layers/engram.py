@@ -293,16 +293,18 @@ class Engram(nnx.Module):
     # Initialisation, all in one place: table ~ N(0, std^2); projections ~ N(0, 1/E) (lecun normal);
     # norm scales 1; conv weights 0 (the conv branch starts as identity: Y = v~).
     k_table, k_val, k_key = rngs.params(), rngs.params(), rngs.params()
+    f32 = jnp.float32  # params stay float32 even with jax x64 on (hash_bits=64)
     self.compression = EngramCompression(jnp.asarray(compression))
-    table = sharding.param(config.table_init_std * jax.random.normal(k_table, (self.num_rows, config.head_dim)),
+    table = sharding.param(config.table_init_std * jax.random.normal(k_table, (self.num_rows, config.head_dim), f32),
                            "table_rows", "table_dim")
     self.table = EngramTable(table.get_value(), **table.get_metadata())
-    self.value_proj = sharding.param(jax.random.normal(k_val, (e, d_model)) / math.sqrt(e), None, "embed")
-    self.key_proj = sharding.param(jax.random.normal(k_key, (g, e, d_model)) / math.sqrt(e), "branches", None, "embed")
-    self.gate_norm_h = sharding.param(jnp.ones((g, d_model)), "branches", "embed")
-    self.gate_norm_k = sharding.param(jnp.ones((g, d_model)), "branches", "embed")
-    self.conv_norm = sharding.param(jnp.ones((g, d_model)), "branches", "embed")
-    self.conv_weight = sharding.param(jnp.zeros((config.kernel_size, g, d_model)), None, "branches", "embed")
+    self.value_proj = sharding.param(jax.random.normal(k_val, (e, d_model), f32) / math.sqrt(e), None, "embed")
+    self.key_proj = sharding.param(jax.random.normal(k_key, (g, e, d_model), f32) / math.sqrt(e),
+                                   "branches", None, "embed")
+    self.gate_norm_h = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
+    self.gate_norm_k = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
+    self.conv_norm = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
+    self.conv_weight = sharding.param(jnp.zeros((config.kernel_size, g, d_model), f32), None, "branches", "embed")
     self.last_gate = nnx.Intermediate(jnp.zeros((g,), jnp.float32))  # mean gate per branch of the last call
     self.last_dropped = nnx.Intermediate(jnp.zeros((), jnp.int32))  # ids dropped by the all_to_all lookup
 
