@@ -177,6 +177,7 @@ def test_init_is_identity_conv_and_gate_statistics():
   v = e @ layer.value_proj[...]  # [B, S, D]
   ratio = np.asarray(y) / np.asarray(v)[:, :, None, :]  # zero conv: Y = alpha * v, the same alpha for every channel
   np.testing.assert_allclose(ratio, np.broadcast_to(ratio[..., :1], ratio.shape), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(layer.gates(h, ids)), ratio[..., 0], rtol=1e-4)  # per-token gates
   gate = np.asarray(layer.last_gate[...])
   np.testing.assert_allclose(gate, ratio[..., 0].mean(axis=(0, 1)), rtol=1e-4)
   assert gate.shape == (2,) and ((0 < gate) & (gate < 1)).all()

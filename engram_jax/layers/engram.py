@@ -353,14 +353,19 @@ class Engram(nnx.Module):
       raise ValueError("hash_ids must be per-head local rows in [0, prime of the head) (hashing.hash_ngrams_np), "
                        "not rows of the flat table")
 
+  def _gate_and_value(self, h: jax.Array, hash_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    dt = h.dtype
+    e = self.retrieve(hash_ids).astype(dt)  # [B, S, E]
+    v = jnp.einsum("bse,ed->bsd", e, self.value_proj[...].astype(dt))  # [B, S, D]
+    k = jnp.einsum("bse,ged->bsgd", e, self.key_proj[...].astype(dt))  # [B, S, G, D]
+    alpha = context_gate(h, k, self.gate_norm_h[...], self.gate_norm_k[...], self.config.norm_eps)  # [B, S, G]
+    return alpha, v
+
   def _apply(self, h: jax.Array, hash_ids: jax.Array, segment_ids: jax.Array | None,
              conv_state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     dt = h.dtype
     eps = self.config.norm_eps
-    e = self.retrieve(hash_ids).astype(dt)  # [B, S, E]
-    v = jnp.einsum("bse,ed->bsd", e, self.value_proj[...].astype(dt))  # [B, S, D]
-    k = jnp.einsum("bse,ged->bsgd", e, self.key_proj[...].astype(dt))  # [B, S, G, D]
-    alpha = context_gate(h, k, self.gate_norm_h[...], self.gate_norm_k[...], eps)  # [B, S, G]
+    alpha, v = self._gate_and_value(h, hash_ids)  # [B, S, G], [B, S, D]
     if segment_ids is None:
       self.last_gate.set_value(jnp.mean(alpha, axis=(0, 1)))
     else:
@@ -384,6 +389,16 @@ class Engram(nnx.Module):
       self._check_hash_ids(hash_ids, token_ids)
     y, _ = self._apply(h, hash_ids, segment_ids, None)
     return y
+
+  def gates(self, h: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None,
+            hash_ids: jax.Array | None = None) -> jax.Array:
+    """Per-token gate values alpha [B, S, G] (float32) of the same inputs as __call__ (for gate pictures)."""
+    self._check_h(h, token_ids)
+    if hash_ids is None:
+      hash_ids = self.hash(token_ids, segment_ids)
+    else:
+      self._check_hash_ids(hash_ids, token_ids)
+    return self._gate_and_value(h, hash_ids)[0]
 
   def init_decode_cache(self, batch_size: int, dtype=jnp.float32) -> EngramDecodeCache:
     """Empty decode state: pad ids and zero conv inputs (as before a sequence start)."""
