@@ -236,22 +236,12 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _parse_args(argv: Sequence[str]):
-  """--gin_file=F (repeatable) and --gin.X=Y / --gin_param=X=Y overrides."""
-  import argparse  # noqa: PLC0415
+def _parse_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """The training entry point's flags: --gin_file=F (repeatable), --gin.NAME=VALUE (bare strings get quoted)."""
+  from engram_jax import train  # noqa: PLC0415
 
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
-  parser.add_argument("--gin_param", action="append", default=[], help="gin binding X=Y (repeatable)")
-  args, rest = parser.parse_known_args(argv)
-  bindings = list(args.gin_param)
-  for item in rest:
-    if not item.startswith("--gin."):
-      parser.error(f"unknown argument {item!r}; use --gin_file=... or --gin.NAME=VALUE")
-    bindings.append(item[len("--gin."):])
-  if not args.gin_file:
-    parser.error("give at least one --gin_file")
-  return args.gin_file, bindings
+  files, bindings, _ = train.parse_flags(argv)
+  return files, bindings
 
 
 _GIN_ENTRY = None
