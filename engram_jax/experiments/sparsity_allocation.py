@@ -39,7 +39,8 @@ class SweepConfig:
   engram: EngramConfig  # Shape of each Engram module (N, K, head_dim, G); table sizes are solved per rho.
   engram_layers: tuple[int, ...] = (1,)  # Blocks that get Engram when rho < 1 (paper: early layers).
   rhos: tuple[float, ...] = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2)  # MoE share of P_sparse; 1.0 = pure MoE.
-  seeds: tuple[int, ...] = (0, 1)  # One run per (rho, seed): error bars over seeds.
+  seeds: tuple[int, ...] = (0, 1)  # One run per (rho, seed) via RunConfig.seed (init and data order); all rhos of
+  #                                   a seed see the same batches. Error bars are over seeds.
   p_total: int | None = None  # Target P_tot; or give num_experts (at rho = 1) or total_to_active instead.
   num_experts: int | None = None  # Routed experts of the pure-MoE point (paper: 106 at 2e20, 99 at 6e20).
   total_to_active: float | None = None  # P_tot / P_act (paper: ~10).
