@@ -240,6 +240,13 @@ def open_data(run: RunConfig, vocab_size: int):
   train_iter = tasks.get_dataset(split="train", seed=run.seed, **common)
   val_iter = tasks.get_dataset(split="validation", seed=0, num_epochs=1, drop_remainder=False, **common)
   val_batches = [b for _, b in zip(range(run.eval_batches), val_iter)]
+  if jax.process_count() > 1:  # every process must run the same number of (collective) eval steps
+    from jax.experimental import multihost_utils
+    counts = multihost_utils.process_allgather(np.int32(len(val_batches)))
+    val_batches = val_batches[:int(np.min(counts))]
+  if not val_batches:
+    raise ValueError(f"task {run.task!r}: the validation split yields no batch of {local_batch} x {run.seq_len} "
+                     "tokens per process; lower RunConfig.batch_size / seq_len or use a larger validation split")
   return train_iter, val_batches
 
 
