@@ -7,6 +7,11 @@ Letters: B batch, S sequence, V vocabulary, L MoE layers, E experts.
 The state is a dict of pure pytrees {'params', 'opt', 'rest', 'step', 'rng'} ('rest' holds the model's
 non-trainable variables, e.g. MoE balance biases); one jitted, donated `train_step` maps it to the next state.
 Gin only wires the entry point (`main`); the library functions take plain dataclasses.
+
+MODEL_DIR receives: config.gin (gin's operative config), checkpoints/ (orbax steps + model_config.json),
+metrics.jsonl (one JSON record per log/eval step), tb/ (TensorBoard events), loss_curve.png and result.json.
+A rerun with the same MODEL_DIR resumes from the latest checkpoint (parameters, optimizer state, step, RNG key,
+data position); `RunConfig.stop_after` stops early without changing the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -171,7 +176,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
       model = nnx.merge(graphdef, params, state["rest"])
       nll, count, aux = lm_terms(model, batch)
       ce = nll / jnp.maximum(count, 1.0)
-      aux = {**aux, **intermediates(model)}  # e.g. each Engram layer's mean gate
+      aux = {**aux, **intermediates(model)}  # what layers record, e.g. Engram ids dropped for capacity
       return ce + aux.get("moe_aux_loss", 0.0), (ce, count, aux)
 
     (loss, (ce, count, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
