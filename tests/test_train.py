@@ -133,6 +133,13 @@ def test_eval_of_checkpoints_reproduces_the_training_validation_losses(corpus, s
     eval_lib.evaluate(tiny_model(num_layers=3), tiny_run(corpus), model_dir)
 
 
+def test_rerunning_a_finished_run_only_reports(corpus, straight):
+  model_dir, result = straight
+  again = train.train_and_evaluate(tiny_model(), tiny_run(corpus), model_dir)
+  assert again["start_step"] == again["steps"] == STEPS and again["tokens_per_s"] is None
+  assert again["final_val_loss"] == result["final_val_loss"] and again["val_curve"] == result["val_curve"]
+
+
 def test_cli_two_steps_writes_operative_config(corpus, tmp_path):
   """python -m engram_jax.train with gin files and --gin.X=Y overrides: 2 steps end to end."""
   model_dir = tmp_path / "cli"
