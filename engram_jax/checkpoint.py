@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "model_config.json"
@@ -111,7 +110,3 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs carrying each leaf's sharding (a restore target)."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
