@@ -38,7 +38,8 @@ def tiny_model(**overrides) -> ModelConfig:
   """configs/models/engram_moe_tiny.gin with the CLI test's overrides (so all tests share one compiled step)."""
   base = dict(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dense_hidden=64,
               num_dense_layers=1, tie_embeddings=True,
-              moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=32, dispatch="dropless"),
+              moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=32, dispatch="dropless",
+                            bias_update_rate=0.01),
               engram_layers=(1,), engram=EngramConfig(max_ngram=3, heads_per_order=4, head_dim=8,
                                                       table_base_sizes=(101, 101)))
   return ModelConfig(**{**base, **overrides})
