@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import optim, sharding
+from engram_jax import hashing, optim, sharding
 from engram_jax.models.config import ModelConfig
 
 State = dict[str, Any]
@@ -61,6 +61,10 @@ class RunConfig:
   task: str = "engram_corpus_en"  # Data task (MIXTURE_OR_TASK_NAME).
   data_dir: str | None = None  # Corpus directory; None: $ENGRAM_DATA_DIR or ~/.cache/engram_jax/corpus.
   stop_after: int | None = None  # Stop (and checkpoint) at this step although the schedule spans `steps`.
+  # Engram tokenizer compression (paper section 2.2) when ModelConfig.engram_compression_path is unset:
+  # 'vocab' merges the task vocabulary's pieces that normalise alike and saves the map to
+  # MODEL_DIR/engram_compression.npy; 'none' hashes raw ids (identity map).
+  engram_compression: str = "vocab"
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
@@ -69,6 +73,8 @@ class RunConfig:
         raise ValueError(f"RunConfig.{name}={getattr(self, name)} must be >= 1")
     if self.compute_dtype not in (None, "float32", "bfloat16"):
       raise ValueError(f"RunConfig.compute_dtype={self.compute_dtype!r}: use None, 'float32' or 'bfloat16'")
+    if self.engram_compression not in ("vocab", "none"):
+      raise ValueError(f"RunConfig.engram_compression={self.engram_compression!r}: use 'vocab' or 'none'")
     if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
       raise ValueError(f"RunConfig.stop_after={self.stop_after} must be in [1, steps={self.steps}]")
 
@@ -105,6 +111,37 @@ def lm_terms(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, dic
 def build_model(model_config: ModelConfig, mesh, seed: int) -> nnx.Module:
   from engram_jax.models.decoder import Decoder  # lazy: the decoder imports layers that may import more
   return Decoder(model_config, mesh, rngs=nnx.Rngs(jax.random.key(seed)))  # seed may be traced
+
+
+COMPRESSION_FILE = "engram_compression.npy"
+
+
+def vocabulary_compression(task: str, data_dir: str | None, vocab_size: int) -> np.ndarray:
+  """Engram's compression map np.int32 [vocab_size] from the task's SentencePiece pieces; ids beyond the
+  tokenizer's (model vocab padding) keep their own compressed ids."""
+  from engram_jax.data import tasks
+  vocab = tasks.get_vocabulary(task, data_dir)
+  pieces = [vocab.tokenizer.id_to_piece(i) for i in range(vocab.tokenizer.get_piece_size())]
+  compression = hashing.build_compression(pieces)
+  extra = vocab_size - len(pieces)  # [V - pieces] unused model ids: fresh compressed ids
+  return np.concatenate([compression, compression.max() + 1 + np.arange(max(extra, 0), dtype=np.int32)])
+
+
+def resolve_compression(model_config: ModelConfig, run: RunConfig, model_dir: Path) -> ModelConfig:
+  """The model config with engram_compression_path pointing at MODEL_DIR's map (built once, written atomically)."""
+  if not model_config.engram_layers or model_config.engram_compression_path or run.engram_compression == "none":
+    return model_config
+  path = model_dir / COMPRESSION_FILE
+  if not path.exists():  # every process writes the same bytes under its own temporary name, then renames
+    compression = vocabulary_compression(run.task, run.data_dir, model_config.vocab_size)
+    tmp = path.with_name(f".{path.name}.{jax.process_index()}.tmp")
+    with open(tmp, "wb") as f:
+      np.save(f, compression)
+    os.replace(tmp, path)
+    if jax.process_index() == 0:
+      print(f"engram tokenizer compression: {compression.size} -> {hashing.compressed_vocab_size(compression)} ids "
+            f"({100 * hashing.reduction_ratio(compression):.1f}% reduction) -> {path}", flush=True)
+  return dataclasses.replace(model_config, engram_compression_path=str(path))
 
 
 def _balance_update_fn(model_config: ModelConfig) -> Callable[[nnx.Module, dict], None] | None:
@@ -368,6 +405,7 @@ def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str
   # --- data
   train_iter, val_batches = open_data(run, model_config.vocab_size)
   val_batches = [to_global(b, mesh) for b in val_batches]
+  model_config = resolve_compression(model_config, run, model_dir)
 
   # --- model, optimizer, state (created sharded, or restored)
   setup = make_setup(model_config, run.optimizer, run.steps, mesh)

@@ -134,6 +134,25 @@ def test_eval_of_checkpoints_reproduces_the_training_validation_losses(corpus, s
     eval_lib.evaluate(tiny_model(num_layers=3), tiny_run(corpus), model_dir)
 
 
+def test_engram_compression_comes_from_the_vocabulary_and_travels_with_the_checkpoint(corpus, straight):
+  """RunConfig.engram_compression='vocab': pieces that normalise alike share a compressed id (paper section 2.2),
+  model ids beyond the tokenizer keep their own, and the checkpointed map equals the saved one."""
+  from engram_jax import hashing
+  from engram_jax.data import tasks
+  model_dir, _ = straight
+  saved = np.load(model_dir / train.COMPRESSION_FILE)  # [V]
+  sp = tasks.get_vocabulary(tasks.CORPUS_TASK, corpus).tokenizer
+  pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+  keys = np.unique([hashing.compression_key(p) for p in pieces], return_inverse=True)[1]  # [pieces]
+  n = len(pieces)
+  assert saved.shape == (320,) and hashing.reduction_ratio(saved[:n]) > 0
+  np.testing.assert_array_equal(saved[:n][:, None] == saved[:n][None, :], keys[:, None] == keys[None, :])
+  assert len(set(saved[n:])) == 320 - n and not set(saved[n:]) & set(saved[:n])
+  setup = train.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, train.sharding.make_mesh("data=-1"))
+  state, _ = ckpt_lib.Checkpointer(model_dir / "checkpoints").restore(STEPS, setup.abstract)
+  np.testing.assert_array_equal(np.asarray(state["rest"]["blocks"][1]["engram"]["compression"]), saved)
+
+
 def test_rerunning_a_finished_run_only_reports(corpus, straight):
   model_dir, result = straight
   again = train.train_and_evaluate(tiny_model(), tiny_run(corpus), model_dir)
