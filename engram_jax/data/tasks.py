@@ -33,135 +33,177 @@ _CORPUS_TASKS: set[str] = set()  # tasks small enough to tokenize once and keep 
 
 
 def _cpu_only() -> None:
-    """Keeps TensorFlow off accelerators (JAX owns them). Must run before TF touches a device."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # devices already initialised (then they were set before, or TF found none)
-        pass
+  """Keeps TensorFlow off accelerators (JAX owns them). Must run before TF touches a device."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # devices already initialised (then they were set before, or TF found none)
+    pass
 
 
 _cpu_only()
 
 
 def parse_lines(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """Shard lines -> {'targets': document text, 'skip': 0 ok | 1 empty | 2 non-UTF-8}; skipped lines get ''."""
+  """Shard lines -> {'targets': document text, 'skip': 0 ok | 1 empty | 2 non-UTF-8}; skipped lines get ''."""
 
-    def fn(line):
-        line = tf.strings.regex_replace(line, "\r$", "")
-        valid = tf.equal(tf.strings.unicode_transcode(line, "UTF-8", "UTF-8", errors="replace"), line)
-        text = tf.strings.regex_replace(line, r"\\n", "\n")  # see prepare.decode_line
-        empty = tf.equal(tf.strings.length(tf.strings.strip(text)), 0)
-        skip = tf.where(valid, tf.where(empty, SKIP_EMPTY, SKIP_OK), SKIP_NON_UTF8)
-        return {"targets": tf.where(tf.equal(skip, SKIP_OK), text, ""), "skip": skip}
+  def fn(line):
+    line = tf.strings.regex_replace(line, "\r$", "")
+    valid = tf.equal(tf.strings.unicode_transcode(line, "UTF-8", "UTF-8", errors="replace"), line)
+    text = tf.strings.regex_replace(line, r"\\n", "\n")  # see prepare.decode_line
+    empty = tf.equal(tf.strings.length(tf.strings.strip(text)), 0)
+    skip = tf.where(valid, tf.where(empty, SKIP_EMPTY, SKIP_OK), SKIP_NON_UTF8)
+    return {"targets": tf.where(tf.equal(skip, SKIP_OK), text, ""), "skip": skip}
 
-    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _output_features(vocab_path: str) -> dict[str, seqio.Feature]:
-    vocab = seqio.SentencePieceVocabulary(str(vocab_path))
-    return {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
+  vocab = seqio.SentencePieceVocabulary(str(vocab_path))
+  return {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
 
 
 def _register(name: str, key: tuple, **task_kwargs) -> seqio.Task:
-    """TaskRegistry.add, idempotent: same key -> existing task; ours with another key -> replaced."""
-    if name in seqio.TaskRegistry.names():
-        if _REGISTERED.get(name) == key:
-            return seqio.TaskRegistry.get(name)
-        if name not in _REGISTERED:
-            raise ValueError(f"A seqio task named {name!r} was registered outside engram_jax; pass another name= "
-                             f"or call seqio.TaskRegistry.remove({name!r}) first.")
-        seqio.TaskRegistry.remove(name)
-    task = seqio.TaskRegistry.add(name, **task_kwargs)
-    _REGISTERED[name] = key
-    return task
+  """TaskRegistry.add, idempotent: same key -> existing task; ours with another key -> replaced."""
+  if name in seqio.TaskRegistry.names():
+    if _REGISTERED.get(name) == key:
+      return seqio.TaskRegistry.get(name)
+    if name not in _REGISTERED:
+      raise ValueError(
+        f"A seqio task named {name!r} was registered outside engram_jax; pass another name= "
+        f"or call seqio.TaskRegistry.remove({name!r}) first."
+      )
+    seqio.TaskRegistry.remove(name)
+  task = seqio.TaskRegistry.add(name, **task_kwargs)
+  _REGISTERED[name] = key
+  return task
 
 
 def register_corpus_task(data_dir: str | os.PathLike | None = None, name: str = CORPUS_TASK) -> seqio.Task:
-    """Registers the prepared corpus in `data_dir` (built first via `ensure_corpus` if missing) as a seqio Task."""
-    data_dir = Path(data_dir) if data_dir else prepare.default_data_dir()
-    manifest = prepare.ensure_corpus(data_dir)
-    vocab_path = data_dir / manifest["vocab"]["file"]
-    files = {split: prepare.split_files(data_dir, manifest, split) for split in manifest["splits"]}
-    source = seqio.TextLineDataSource(
-        files, num_input_examples={s: manifest["splits"][s]["docs"] for s in manifest["splits"]})
-    key = (str(data_dir.resolve()), manifest["vocab"]["sha256"], tuple(tuple(f) for f in files.values()))
-    task = _register(name, key, source=source, output_features=_output_features(str(vocab_path)),
-                     preprocessors=[parse_lines, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos])
-    _CORPUS_TASKS.add(name)
-    return task
+  """Registers the prepared corpus in `data_dir` (built first via `ensure_corpus` if missing) as a seqio Task."""
+  data_dir = Path(data_dir) if data_dir else prepare.default_data_dir()
+  manifest = prepare.ensure_corpus(data_dir)
+  vocab_path = data_dir / manifest["vocab"]["file"]
+  files = {split: prepare.split_files(data_dir, manifest, split) for split in manifest["splits"]}
+  source = seqio.TextLineDataSource(
+    files, num_input_examples={s: manifest["splits"][s]["docs"] for s in manifest["splits"]}
+  )
+  key = (str(data_dir.resolve()), manifest["vocab"]["sha256"], tuple(tuple(f) for f in files.values()))
+  task = _register(
+    name,
+    key,
+    source=source,
+    output_features=_output_features(str(vocab_path)),
+    preprocessors=[parse_lines, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+  )
+  _CORPUS_TASKS.add(name)
+  return task
 
 
-def register_c4_task(vocab_path: str = T5_VOCAB, name: str = C4_TASK, tfds_name: str = C4_TFDS_NAME,
-                     tfds_data_dir: str | None = None) -> seqio.Task:
-    """Registers the TFDS C4 pretraining task (nothing is read or downloaded until a dataset is iterated)."""
-    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-                                  splits=("train", "validation"))
-    key = (str(vocab_path), tfds_name, tfds_data_dir)
-    _CORPUS_TASKS.discard(name)
-    return _register(name, key, source=source, output_features=_output_features(vocab_path),
-                     preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-                                    seqio.preprocessors.tokenize,
-                                    seqio.preprocessors.append_eos])
+def register_c4_task(
+  vocab_path: str = T5_VOCAB, name: str = C4_TASK, tfds_name: str = C4_TFDS_NAME, tfds_data_dir: str | None = None
+) -> seqio.Task:
+  """Registers the TFDS C4 pretraining task (nothing is read or downloaded until a dataset is iterated)."""
+  source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits=("train", "validation"))
+  key = (str(vocab_path), tfds_name, tfds_data_dir)
+  _CORPUS_TASKS.discard(name)
+  return _register(
+    name,
+    key,
+    source=source,
+    output_features=_output_features(vocab_path),
+    preprocessors=[
+      functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+      seqio.preprocessors.tokenize,
+      seqio.preprocessors.append_eos,
+    ],
+  )
 
 
 def _get_task(task_name: str, data_dir) -> seqio.Task:
-    if task_name == CORPUS_TASK:  # always re-resolved: data_dir (or $ENGRAM_DATA_DIR) may differ between calls
-        return register_corpus_task(data_dir)
-    if task_name in seqio.TaskRegistry.names():
-        return seqio.TaskRegistry.get(task_name)
-    if task_name == C4_TASK:
-        return register_c4_task()
-    raise ValueError(f"task_name={task_name!r} is not a registered seqio task; use {CORPUS_TASK!r}, {C4_TASK!r} "
-                     "or register it first (register_corpus_task(data_dir, name=...)).")
+  if task_name == CORPUS_TASK:  # always re-resolved: data_dir (or $ENGRAM_DATA_DIR) may differ between calls
+    return register_corpus_task(data_dir)
+  if task_name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(task_name)
+  if task_name == C4_TASK:
+    return register_c4_task()
+  raise ValueError(
+    f"task_name={task_name!r} is not a registered seqio task; use {CORPUS_TASK!r}, {C4_TASK!r} "
+    "or register it first (register_corpus_task(data_dir, name=...))."
+  )
 
 
 def get_vocabulary(task_name: str = CORPUS_TASK, data_dir: str | os.PathLike | None = None) -> seqio.Vocabulary:
-    """The 'targets' vocabulary of a task (registering the default tasks on demand)."""
-    return _get_task(task_name, data_dir).output_features["targets"].vocabulary
+  """The 'targets' vocabulary of a task (registering the default tasks on demand)."""
+  return _get_task(task_name, data_dir).output_features["targets"].vocabulary
 
 
-def tokenized_documents(task: seqio.Task, split: str, *, shuffle: bool = False, seed: int | None = None,
-                        shard_info: seqio.ShardInfo | None = None, skipped: prepare.SkipCounts | None = None):
-    """Yields each document's token ids (1-D int32 numpy, EOS included) through the task; counts skipped lines."""
-    if split not in task.splits:
-        raise ValueError(f"split={split!r} not in task {task.name!r}; choose one of {list(task.splits)}")
-    ds = task.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
-                          num_epochs=1, use_cached=False, trim_output_features=False, try_in_mem_cache=False)
-    for ex in ds.as_numpy_iterator():
-        skip = int(ex.get("skip", SKIP_OK))
-        if skip != SKIP_OK:
-            if skipped is not None:
-                skipped.empty += skip == SKIP_EMPTY
-                skipped.non_utf8 += skip == SKIP_NON_UTF8
-            continue
-        yield ex["targets"].astype(np.int32)
+def tokenized_documents(
+  task: seqio.Task,
+  split: str,
+  *,
+  shuffle: bool = False,
+  seed: int | None = None,
+  shard_info: seqio.ShardInfo | None = None,
+  skipped: prepare.SkipCounts | None = None,
+):
+  """Yields each document's token ids (1-D int32 numpy, EOS included) through the task; counts skipped lines."""
+  if split not in task.splits:
+    raise ValueError(f"split={split!r} not in task {task.name!r}; choose one of {list(task.splits)}")
+  ds = task.get_dataset(
+    sequence_length=None,
+    split=split,
+    shuffle=shuffle,
+    seed=seed,
+    shard_info=shard_info,
+    num_epochs=1,
+    use_cached=False,
+    trim_output_features=False,
+    try_in_mem_cache=False,
+  )
+  for ex in ds.as_numpy_iterator():
+    skip = int(ex.get("skip", SKIP_OK))
+    if skip != SKIP_OK:
+      if skipped is not None:
+        skipped.empty += skip == SKIP_EMPTY
+        skipped.non_utf8 += skip == SKIP_NON_UTF8
+      continue
+    yield ex["targets"].astype(np.int32)
 
 
-def get_dataset(task_name: str = CORPUS_TASK, split: str = "train", seq_len: int = 256, batch_size: int = 16,
-                seed: int = 0, data_dir: str | os.PathLike | None = None, *, shard_index: int = 0,
-                num_shards: int = 1, num_epochs: int | None = None,
-                drop_remainder: bool = True) -> packing.PackedBatches:
-    """Packed batches {'targets','segment_ids','positions'}: [B, S] int32 numpy, deterministic for `seed`.
+def get_dataset(
+  task_name: str = CORPUS_TASK,
+  split: str = "train",
+  seq_len: int = 256,
+  batch_size: int = 16,
+  seed: int = 0,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  num_epochs: int | None = None,
+  drop_remainder: bool = True,
+) -> packing.PackedBatches:
+  """Packed batches {'targets','segment_ids','positions'}: [B, S] int32 numpy, deterministic for `seed`.
 
-    Corpus tasks are tokenized once (tf.data, CPU) and reshuffled per epoch in numpy; other tasks (C4) are streamed
-    through seqio with seed `seed + epoch`. `shard_index`/`num_shards`: this host's slice of the documents.
-    Resume: `it.state()` -> {'epoch', 'index'}; `it.restore(state)`. `it.info` holds counts and skipped lines.
-    """
-    task = _get_task(task_name, data_dir)
-    skipped = prepare.SkipCounts()
-    if task_name in _CORPUS_TASKS:
-        docs = list(tokenized_documents(task, split, skipped=skipped))
-        documents_fn = packing.shuffled_documents(docs, seed, shard_index=shard_index, num_shards=num_shards)
-        info = {"docs": len(docs), "tokens": int(sum(d.size for d in docs))}
-    else:
-        shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
+  Corpus tasks are tokenized once (tf.data, CPU) and reshuffled per epoch in numpy; other tasks (C4) are streamed
+  through seqio with seed `seed + epoch`. `shard_index`/`num_shards`: this host's slice of the documents.
+  Resume: `it.state()` -> {'epoch', 'index'}; `it.restore(state)`. `it.info` holds counts and skipped lines.
+  """
+  task = _get_task(task_name, data_dir)
+  skipped = prepare.SkipCounts()
+  if task_name in _CORPUS_TASKS:
+    docs = list(tokenized_documents(task, split, skipped=skipped))
+    documents_fn = packing.shuffled_documents(docs, seed, shard_index=shard_index, num_shards=num_shards)
+    info = {"docs": len(docs), "tokens": int(sum(d.size for d in docs))}
+  else:
+    shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
 
-        def documents_fn(epoch):
-            return tokenized_documents(task, split, shuffle=True, seed=seed + epoch, shard_info=shard,
-                                       skipped=skipped)
+    def documents_fn(epoch):
+      return tokenized_documents(task, split, shuffle=True, seed=seed + epoch, shard_info=shard, skipped=skipped)
 
-        info = {}
-    it = packing.PackedBatches(documents_fn, batch_size=batch_size, seq_len=seq_len, num_epochs=num_epochs,
-                               drop_remainder=drop_remainder)
-    it.info = {"task": task_name, "split": split, **info, "skipped_lines": skipped}
-    return it
+    info = {}
+  it = packing.PackedBatches(
+    documents_fn, batch_size=batch_size, seq_len=seq_len, num_epochs=num_epochs, drop_remainder=drop_remainder
+  )
+  it.info = {"task": task_name, "split": split, **info, "skipped_lines": skipped}
+  return it
