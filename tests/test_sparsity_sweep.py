@@ -10,22 +10,17 @@ import numpy as np
 import pytest
 
 from engram_jax import budget
-from engram_jax.data import prepare
 from engram_jax.experiments import sparsity_allocation as sa
+from toy_corpus import build_toy_corpus  # tests/ is on sys.path (pytest rootdir-relative import)
 
 TOY = "configs/experiments/sparsity_allocation_toy.gin"
-WORDS = ("the cat sat on a mat and a dog ran far away from the big red house with a green door in the small "
-         "town by the river").split()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """~300 short documents of a 26-word language with a 300-piece SentencePiece vocabulary."""
-  rng = np.random.default_rng(1)
-  docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(20, 80)))) + "." for _ in range(300)]
   data_dir = tmp_path_factory.mktemp("corpus")
-  prepare.build_corpus(data_dir, {"toy": docs}, {"toy": {"license": "test"}}, vocab_size=300, num_train_shards=2,
-                       validation_fraction=0.05)
+  build_toy_corpus(data_dir, num_docs=300, seed=1)
   return str(data_dir)
 
 

@@ -12,24 +12,19 @@ import pytest
 
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import optim, train
-from engram_jax.data import prepare
+from toy_corpus import build_toy_corpus  # tests/ is on sys.path (pytest rootdir-relative import)
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
 
 STEPS = 12
-WORDS = ("the cat sat on a mat and a dog ran far away from the big red house with a green door in the small "
-         "town by the river").split()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """~400 short documents of a 26-word language with a 300-piece SentencePiece vocabulary."""
-  rng = np.random.default_rng(0)
-  docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(20, 80)))) + "." for _ in range(400)]
   data_dir = tmp_path_factory.mktemp("corpus")
-  manifest = prepare.build_corpus(data_dir, {"toy": docs}, {"toy": {"license": "test"}}, vocab_size=300,
-                                  num_train_shards=2, validation_fraction=0.05)
+  manifest = build_toy_corpus(data_dir, num_docs=400, seed=0)
   assert manifest["vocab"]["vocab_size"] <= 320
   return str(data_dir)
 
