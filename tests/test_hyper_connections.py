@@ -65,16 +65,19 @@ def test_hc_at_init_reads_one_branch_and_adds_the_output_to_every_branch():
   np.testing.assert_allclose(np.asarray(hc.write(ctx, y)), np.asarray(h + 1.0), atol=1e-6)
 
 
-def test_hc_matches_numpy_reference_of_the_dynamic_equations():
-  g = 2
-  hc = hcl.HyperConnection(D, g, layer_index=0)
-  _randomize(hc, 3)
+def _read_write_random(hc, param_seed, data_seed):
+  """Randomised params (float64 copies), random h [B, S, G, D] and y [B, S, D], and hc's read x and write output."""
+  _randomize(hc, param_seed)
   p = {k: np.asarray(v[...], np.float64) for k, v in nnx.state(hc, nnx.Param).items()}
-  rng = np.random.default_rng(4)
-  h = rng.normal(size=(B, S, g, D))
+  rng = np.random.default_rng(data_seed)
+  h = rng.normal(size=(B, S, hc.expansion, D))
   y = rng.normal(size=(B, S, D))
   x, ctx = hc.read(jnp.asarray(h, jnp.float32))
-  out = hc.write(ctx, jnp.asarray(y, jnp.float32))
+  return p, h, y, x, hc.write(ctx, jnp.asarray(y, jnp.float32))
+
+
+def test_hc_matches_numpy_reference_of_the_dynamic_equations():
+  p, h, y, x, out = _read_write_random(hcl.HyperConnection(D, 2, layer_index=0), 3, 4)
 
   hn = _np_rms(h, p["norm_scale"])
   alpha = p["static_alpha"] + p["alpha_scale"] * np.tanh(hn @ p["dyn_alpha"])  # [B, S, G, 1 + G]
@@ -88,13 +91,7 @@ def test_hc_matches_numpy_reference_of_the_dynamic_equations():
 def test_mhc_matches_numpy_reference_and_mixing_is_doubly_stochastic():
   g = 3
   hc = hcl.HyperConnection(D, g, layer_index=0, variant="mhc", sinkhorn_iters=30)
-  _randomize(hc, 5)
-  p = {k: np.asarray(v[...], np.float64) for k, v in nnx.state(hc, nnx.Param).items()}
-  rng = np.random.default_rng(6)
-  h = rng.normal(size=(B, S, g, D))
-  y = rng.normal(size=(B, S, D))
-  x, ctx = hc.read(jnp.asarray(h, jnp.float32))
-  out = hc.write(ctx, jnp.asarray(y, jnp.float32))
+  p, h, y, x, out = _read_write_random(hc, 5, 6)
 
   flat = _np_rms(h.reshape(B, S, g * D), p["norm_scale"])
   sig = lambda z: 1 / (1 + np.exp(-z))
