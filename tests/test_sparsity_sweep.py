@@ -36,6 +36,8 @@ def test_sweep_writes_results_and_plot(swept):
   on_disk = json.loads((out / "results.json").read_text())
   assert on_disk["summary"] == results["summary"]
   assert [s["rho"] for s in on_disk["summary"]] == [1.0, 0.5]
+  assert on_disk["analysis"]["pooled_seed_std"] is None  # one seed: no noise scale, and none is invented
+  assert on_disk["analysis"]["best_hybrid"]["rho"] == 0.5
   assert "engram_jax.experiments.sparsity_allocation" in on_disk["command"]
   assert on_disk["versions"]["jax"] and on_disk["versions"]["flax"]
   runs = {r["rho"]: r for r in on_disk["runs"]}
@@ -67,6 +69,27 @@ def test_summary_mean_and_std_over_seeds():
   assert summary[1]["mean_val_loss"] == pytest.approx(2.2)
   assert summary[1]["std_val_loss"] == pytest.approx(np.std([2.0, 2.2, 2.4], ddof=1))
   assert summary[0]["std_val_loss"] == 0.0
+
+
+def test_analysis_gap_in_seed_std_units():
+  """Hand-computed: within-rho deviations are +-0.01 at every rho, so the pooled std is sqrt(2) * 0.01."""
+  losses = {1.0: (5.00, 5.02), 0.8: (4.97, 4.99), 0.4: (5.03, 5.05)}
+  runs = [{"rho": rho, "seed": seed, "train": {"final_val_loss": x}}
+          for rho, xs in losses.items() for seed, x in enumerate(xs)]
+  analysis = sa.analyse(sa.summarise(runs), runs)
+  pooled = np.sqrt(2) * 0.01
+  assert analysis["pooled_seed_std"] == pytest.approx(pooled) and analysis["pooled_dof"] == 3
+  assert analysis["argmin_rho"] == 0.8 and analysis["interior_minimum"]
+  best = analysis["best_hybrid"]
+  assert best["rho"] == 0.8 and best["gap"] == pytest.approx(-0.03)
+  assert best["gap_in_seed_std"] == pytest.approx(-0.03 / pooled)
+  assert best["gap_z"] == pytest.approx(-0.03 / (pooled * np.sqrt(1 / 2 + 1 / 2)))
+  assert best["paired_gaps"] == pytest.approx([-0.03, -0.03])
+  assert "interior minimum" in sa.format_analysis(analysis)
+  # Minimum at an end of the grid (pure MoE lowest) is not interior.
+  runs[0]["train"]["final_val_loss"] = runs[1]["train"]["final_val_loss"] = 4.9
+  flat = sa.analyse(sa.summarise(runs), runs)
+  assert flat["argmin_rho"] == 1.0 and not flat["interior_minimum"] and flat["best_hybrid"]["gap"] > 0
 
 
 def test_second_invocation_skips_finished_runs(swept):

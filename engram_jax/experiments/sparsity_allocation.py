@@ -144,8 +144,58 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   return out
 
 
-def plot_sweep(summary: Sequence[dict], path: str, title: str = "") -> None:
-  """Validation loss vs rho (mean over seeds, error bars = sample std; dots = single seeds) to a PNG."""
+def analyse(summary: Sequence[dict], runs: Sequence[dict]) -> dict:
+  """The numbers a sweep is read by: where the minimum is, and how far the best hybrid is from pure MoE (rho = 1)
+  in units of the seed noise.
+
+  `pooled_seed_std` pools the within-rho sample variances (each rho weighted by its n - 1 degrees of freedom).
+  For every hybrid rho: `gap` = mean loss - mean loss at rho = 1 (negative: the hybrid is better), `gap_in_seed_std`
+  = gap / pooled_seed_std, `gap_z` = gap / its standard error (pooled_seed_std * sqrt(1/n + 1/n_1)), and the paired
+  per-seed differences (all rhos of a seed see the same batches). `interior_minimum` is true when the lowest mean
+  is at neither end of the rho grid.
+  """
+  dof = sum(s["n"] - 1 for s in summary)
+  pooled = math.sqrt(sum((s["n"] - 1) * s["std_val_loss"] ** 2 for s in summary) / dof) if dof else None
+  lowest = min(summary, key=lambda s: s["mean_val_loss"])
+  rhos = [s["rho"] for s in summary]
+  out = {"pooled_seed_std": pooled, "pooled_dof": dof, "argmin_rho": lowest["rho"],
+         "interior_minimum": min(rhos) < lowest["rho"] < max(rhos), "gaps": [], "best_hybrid": None}
+  ref = next((s for s in summary if s["rho"] == 1.0), None)
+  if ref is None:
+    return out
+  by_seed = {r["seed"]: final_loss(r["train"]) for r in runs if r["rho"] == 1.0 and "seed" in r}
+  for s in summary:
+    if s["rho"] == 1.0:
+      continue
+    gap = s["mean_val_loss"] - ref["mean_val_loss"]
+    paired = [final_loss(r["train"]) - by_seed[r["seed"]] for r in runs
+              if r["rho"] == s["rho"] and r.get("seed") in by_seed]
+    out["gaps"].append({
+        "rho": s["rho"], "gap": gap,
+        "gap_in_seed_std": gap / pooled if pooled else None,
+        "gap_z": gap / (pooled * math.sqrt(1 / s["n"] + 1 / ref["n"])) if pooled else None,
+        "paired_gaps": paired})
+  if out["gaps"]:
+    out["best_hybrid"] = min(out["gaps"], key=lambda g: g["gap"])
+  return out
+
+
+def format_analysis(analysis: dict) -> str:
+  """Two-line reading of `analyse`'s output for logs and READMEs."""
+  pooled = analysis["pooled_seed_std"]
+  lines = [f"lowest mean loss at rho = {analysis['argmin_rho']:.3f} "
+           f"({'interior minimum' if analysis['interior_minimum'] else 'no interior minimum'}); pooled seed std "
+           + (f"{pooled:.4f} ({analysis['pooled_dof']} dof)" if pooled else "n/a (one seed per rho)")]
+  best = analysis["best_hybrid"]
+  if best:
+    units = f", {best['gap_in_seed_std']:+.2f} seed std, z {best['gap_z']:+.2f}" if pooled else ""
+    lines.append(f"best hybrid rho = {best['rho']:.3f}: {best['gap']:+.4f} nats vs rho = 1{units}")
+  return "\n".join(lines)
+
+
+def plot_sweep(summary: Sequence[dict], path: str, title: str = "", pooled_std: float | None = None) -> None:
+  """Validation loss vs rho (mean over seeds, error bars = sample std; dots = single seeds) to a PNG. With
+  `pooled_std`, a band of +- one pooled seed std around the pure-MoE (rho = 1) mean shows the noise scale."""
   import matplotlib  # noqa: PLC0415 - plotting only when writing results.
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -156,6 +206,10 @@ def plot_sweep(summary: Sequence[dict], path: str, title: str = "") -> None:
               marker="o", capsize=3, label="mean ± std over seeds")
   for s in summary:
     ax.scatter([s["rho"]] * len(s["val_losses"]), s["val_losses"], s=8, color="gray", alpha=0.6)
+  ref = next((s["mean_val_loss"] for s in summary if s["rho"] == 1.0), None)
+  if pooled_std and ref is not None:
+    ax.axhspan(ref - pooled_std, ref + pooled_std, color="tab:orange", alpha=0.15,
+               label="rho = 1 mean ± pooled seed std")
   ax.set_xlabel("rho = MoE share of sparse parameters (1 = pure MoE)")
   ax.set_ylabel("final validation loss")
   ax.set_title(title or "Sparsity allocation (iso P_tot, P_act, FLOPs)")
@@ -222,13 +276,15 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
       log(f"[{name}] val loss {final_loss(result):.4f} in {wall:.0f} s")
 
   summary = summarise(runs)
+  analysis = analyse(summary, runs)
   results = {"command": command or " ".join([sys.executable] + sys.argv), "versions": software_versions(),
-             "sweep": sweep, "run": run, "table": table, "summary": summary, "runs": runs,
+             "sweep": sweep, "run": run, "table": table, "summary": summary, "analysis": analysis, "runs": runs,
              "sweep_wall_s_this_invocation": time.time() - t_sweep}
   _write_json(os.path.join(out_dir, "results.json"), results)
-  plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"))
+  plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"), pooled_std=analysis["pooled_seed_std"])
   log("rho    mean val loss   std      n\n" + "\n".join(
-      f"{s['rho']:.3f}  {s['mean_val_loss']:.4f}        {s['std_val_loss']:.4f}   {s['n']}" for s in summary))
+      f"{s['rho']:.3f}  {s['mean_val_loss']:.4f}        {s['std_val_loss']:.4f}   {s['n']}" for s in summary)
+      + "\n" + format_analysis(analysis))
   return results
 
 
