@@ -193,29 +193,45 @@ def format_analysis(analysis: dict) -> str:
   return "\n".join(lines)
 
 
-def plot_sweep(summary: Sequence[dict], path: str, title: str = "", pooled_std: float | None = None) -> None:
-  """Validation loss vs rho (mean over seeds, error bars = sample std; dots = single seeds) to a PNG. With
-  `pooled_std`, a band of +- one pooled seed std around the pure-MoE (rho = 1) mean shows the noise scale."""
+def plot_sweep(summary: Sequence[dict], path: str, title: str = "", analysis: dict | None = None) -> None:
+  """Validation loss vs rho (mean over seeds, error bars = sample std; dots = single seeds) to a PNG.
+
+  With `analysis` (from `analyse`): a band of +- one pooled seed std around the pure-MoE mean, and, when rho = 1
+  was trained, a second panel of the paired gaps (each hybrid's loss minus rho = 1's loss on the same seed and
+  batches), which cancels the seed-to-seed offset that both share.
+  """
   import matplotlib  # noqa: PLC0415 - plotting only when writing results.
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  gaps = [g for g in (analysis or {}).get("gaps", []) if g["paired_gaps"]]
+  fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(11 if gaps else 5.5, 4), squeeze=False)
+  ax = axes[0, 0]
   rhos = [s["rho"] for s in summary]
   ax.errorbar(rhos, [s["mean_val_loss"] for s in summary], yerr=[s["std_val_loss"] for s in summary],
               marker="o", capsize=3, label="mean ± std over seeds")
   for s in summary:
     ax.scatter([s["rho"]] * len(s["val_losses"]), s["val_losses"], s=8, color="gray", alpha=0.6)
   ref = next((s["mean_val_loss"] for s in summary if s["rho"] == 1.0), None)
-  if pooled_std and ref is not None:
-    ax.axhspan(ref - pooled_std, ref + pooled_std, color="tab:orange", alpha=0.15,
-               label="rho = 1 mean ± pooled seed std")
-  ax.set_xlabel("rho = MoE share of sparse parameters (1 = pure MoE)")
+  pooled = (analysis or {}).get("pooled_seed_std")
+  if pooled and ref is not None:
+    ax.axhspan(ref - pooled, ref + pooled, color="tab:orange", alpha=0.15, label="rho = 1 mean ± pooled seed std")
   ax.set_ylabel("final validation loss")
   ax.set_title(title or "Sparsity allocation (iso P_tot, P_act, FLOPs)")
-  ax.invert_xaxis()
-  ax.grid(alpha=0.3)
-  ax.legend()
+  if gaps:
+    bx = axes[0, 1]
+    bx.axhline(0.0, color="black", lw=0.8)
+    bx.plot([1.0] + [g["rho"] for g in gaps], [0.0] + [sum(g["paired_gaps"]) / len(g["paired_gaps"]) for g in gaps],
+            marker="o", label="mean paired gap")
+    for g in gaps:
+      bx.scatter([g["rho"]] * len(g["paired_gaps"]), g["paired_gaps"], s=8, color="gray", alpha=0.6)
+    bx.set_ylabel("loss - loss at rho = 1, same seed (< 0: hybrid better)")
+    bx.set_title("Paired gap to pure MoE")
+  for a in axes[0]:
+    a.set_xlabel("rho = MoE share of sparse parameters (1 = pure MoE)")
+    a.invert_xaxis()
+    a.grid(alpha=0.3)
+    a.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -281,7 +297,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
              "sweep": sweep, "run": run, "table": table, "summary": summary, "analysis": analysis, "runs": runs,
              "sweep_wall_s_this_invocation": time.time() - t_sweep}
   _write_json(os.path.join(out_dir, "results.json"), results)
-  plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"), pooled_std=analysis["pooled_seed_std"])
+  plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"), analysis=analysis)
   log("rho    mean val loss   std      n\n" + "\n".join(
       f"{s['rho']:.3f}  {s['mean_val_loss']:.4f}        {s['std_val_loss']:.4f}   {s['n']}" for s in summary)
       + "\n" + format_analysis(analysis))
