@@ -27,7 +27,7 @@ def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
                                              ["CHECKPOINT_PATH='/tmp/unused'"])
   elif kind == "runs":
     model, run, _ = configurables.resolve("train", ["configs/models/engram_moe_tiny.gin", rel], TRAIN_MACROS)
-  elif "sparsity_allocation." in (REPO / rel).read_text():  # the sweep runner's files: one model per rho
+  elif "SweepConfig." in (REPO / rel).read_text():  # the sweep runner's files (also via include): one model per rho
     from engram_jax.experiments import sparsity_allocation as sweep_lib
     sweep, run, _ = sweep_lib.load_gin([rel])
     allocs = sweep_lib.plan_sweep(sweep, getattr(run, "seq_len", None))
