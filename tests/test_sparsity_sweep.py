@@ -55,8 +55,9 @@ def test_sweep_writes_results_and_plot(swept):
   assert b1["engram_table"] == 0 and b5["engram_table"] > 0
   assert abs(b5["total"] / b1["total"] - 1) < 0.02 and abs(b5["active"] / b1["active"] - 1) < 0.02
   assert runs[0.5]["model_config"]["engram_layers"] == [1]
-  png = (out / "loss_vs_rho.png").read_bytes()
-  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  for name in ("loss_vs_rho.png", "val_curves.png"):
+    png = (out / name).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
   plan = json.loads((out / "plan.json").read_text())
   assert [p["rho_target"] for p in plan["points"]] == [1.0, 0.5]
 
@@ -90,6 +91,15 @@ def test_analysis_gap_in_seed_std_units():
   runs[0]["train"]["final_val_loss"] = runs[1]["train"]["final_val_loss"] = 4.9
   flat = sa.analyse(sa.summarise(runs), runs)
   assert flat["argmin_rho"] == 1.0 and not flat["interior_minimum"] and flat["best_hybrid"]["gap"] > 0
+
+
+def test_mean_curves_average_seeds_at_shared_steps():
+  runs = [{"rho": 0.8, "train": {"val_curve": [[0, 9.0], [5, 4.0], [10, 3.0]]}},
+          {"rho": 0.8, "train": {"val_curve": [[0, 9.2], [10, 3.4]]}},  # e.g. a resumed run that skipped step 5
+          {"rho": 1.0, "train": {"val_curve": [[0, 9.1], [10, 3.1]]}}]
+  curves = sa.mean_curves(runs)
+  assert list(curves) == [1.0, 0.8]
+  assert curves[0.8] == [(0, pytest.approx(9.1)), (10, pytest.approx(3.2))]
 
 
 def test_second_invocation_skips_finished_runs(swept):

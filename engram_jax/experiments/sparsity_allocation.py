@@ -11,7 +11,8 @@ minimum near rho = 0.75-0.8.
 Resumable: each finished run leaves `<out_dir>/<run>/sweep_result.json` and is skipped next time (an interrupted
 run resumes from its own latest checkpoint through train_and_evaluate). Outputs:
 `<out_dir>/plan.json` (budget table, before anything trains), `results.json` (losses, budgets, tokens, wall time,
-versions, command) and `loss_vs_rho.png` (mean validation loss per rho with seed error bars).
+versions, command), `loss_vs_rho.png` (mean validation loss per rho with seed error bars, and the paired gaps) and
+`val_curves.png` (validation curves per rho and their gap to rho = 1 over training).
 """
 
 from __future__ import annotations
@@ -237,6 +238,52 @@ def plot_sweep(summary: Sequence[dict], path: str, title: str = "", analysis: di
   plt.close(fig)
 
 
+def mean_curves(runs: Sequence[dict]) -> dict[float, list[tuple[int, float]]]:
+  """Per rho: the validation curve [(step, loss)] averaged over seeds, at the steps every seed evaluated."""
+  out = {}
+  for rho in sorted({r["rho"] for r in runs}, reverse=True):
+    curves = [dict(r["train"]["val_curve"]) for r in runs if r["rho"] == rho and r["train"].get("val_curve")]
+    if curves:
+      steps = sorted(set.intersection(*(set(c) for c in curves)))
+      out[rho] = [(step, sum(c[step] for c in curves) / len(curves)) for step in steps]
+  return out
+
+
+def plot_curves(runs: Sequence[dict], path: str) -> None:
+  """Validation loss against training step per rho (mean over seeds), and each hybrid's gap to rho = 1 along the
+  way, to a PNG: whether the gap grows or shrinks with tokens is the first question a flat end point raises."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  curves = mean_curves(runs)
+  ref = dict(curves.get(1.0, []))
+  fig, axes = plt.subplots(1, 2 if ref else 1, figsize=(11 if ref else 5.5, 4), squeeze=False)
+  ax = axes[0, 0]
+  color = {rho: f"C{i}" for i, rho in enumerate(curves)}  # one colour per rho in both panels
+  for rho, curve in curves.items():
+    late = [(s, v) for s, v in curve if s > 0]  # step 0 (~ln V) would squash the interesting range
+    ax.plot([s for s, _ in late], [v for _, v in late], marker=".", color=color[rho], label=f"rho {rho:.2f}")
+  ax.set_ylabel("validation loss (mean over seeds)")
+  ax.set_title("Validation curves")
+  if ref:
+    bx = axes[0, 1]
+    bx.axhline(0.0, color="black", lw=0.8)
+    for rho, curve in curves.items():
+      if rho != 1.0:
+        gap = [(s, v - ref[s]) for s, v in curve if s in ref and s > 0]
+        bx.plot([s for s, _ in gap], [g for _, g in gap], marker=".", color=color[rho], label=f"rho {rho:.2f}")
+    bx.set_ylabel("loss - loss at rho = 1 (< 0: hybrid better)")
+    bx.set_title("Gap to pure MoE during training")
+  for a in axes[0]:
+    a.set_xlabel("training step")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _default_train_fn():
   from engram_jax import train  # noqa: PLC0415 - training pulls in the data pipeline; the planner does not.
   return train.train_and_evaluate
@@ -298,6 +345,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
              "sweep_wall_s_this_invocation": time.time() - t_sweep}
   _write_json(os.path.join(out_dir, "results.json"), results)
   plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"), analysis=analysis)
+  plot_curves(runs, os.path.join(out_dir, "val_curves.png"))
   log("rho    mean val loss   std      n\n" + "\n".join(
       f"{s['rho']:.3f}  {s['mean_val_loss']:.4f}        {s['std_val_loss']:.4f}   {s['n']}" for s in summary)
       + "\n" + format_analysis(analysis))
