@@ -1,5 +1,6 @@
 """The sparsity-allocation sweep runner end to end: two tiny points trained on a corpus made here, results JSON and
-PNG written, budgets recorded, and a second invocation resumes (skips) finished runs.
+PNGs written, budgets recorded, a second invocation resumes (skips) finished runs; and the sweep report's numbers
+(pooled seed std, gaps to rho = 1, seed-averaged curves) against hand-computed values.
 
 Letters: none (no arrays are shaped here).
 """
@@ -11,6 +12,7 @@ import pytest
 
 from engram_jax import budget
 from engram_jax.experiments import sparsity_allocation as sa
+from engram_jax.experiments import sweep_report
 from toy_corpus import build_toy_corpus  # tests/ is on sys.path (pytest rootdir-relative import)
 
 TOY = "configs/experiments/sparsity_allocation_toy.gin"
@@ -65,7 +67,7 @@ def test_sweep_writes_results_and_plot(swept):
 def test_summary_mean_and_std_over_seeds():
   runs = [{"rho": 0.8, "train": {"final_val_loss": x}} for x in (2.0, 2.2, 2.4)] + [
       {"rho": 1.0, "train": {"final_val_loss": 3.0}}]
-  summary = sa.summarise(runs)
+  summary = sweep_report.summarise(runs)
   assert [s["rho"] for s in summary] == [1.0, 0.8]
   assert summary[1]["mean_val_loss"] == pytest.approx(2.2)
   assert summary[1]["std_val_loss"] == pytest.approx(np.std([2.0, 2.2, 2.4], ddof=1))
@@ -77,7 +79,7 @@ def test_analysis_gap_in_seed_std_units():
   losses = {1.0: (5.00, 5.02), 0.8: (4.97, 4.99), 0.4: (5.03, 5.05)}
   runs = [{"rho": rho, "seed": seed, "train": {"final_val_loss": x}}
           for rho, xs in losses.items() for seed, x in enumerate(xs)]
-  analysis = sa.analyse(sa.summarise(runs), runs)
+  analysis = sweep_report.analyse(sweep_report.summarise(runs), runs)
   pooled = np.sqrt(2) * 0.01
   assert analysis["pooled_seed_std"] == pytest.approx(pooled) and analysis["pooled_dof"] == 3
   assert analysis["argmin_rho"] == 0.8 and analysis["interior_minimum"]
@@ -86,10 +88,10 @@ def test_analysis_gap_in_seed_std_units():
   assert best["gap_in_seed_std"] == pytest.approx(-0.03 / pooled)
   assert best["gap_z"] == pytest.approx(-0.03 / (pooled * np.sqrt(1 / 2 + 1 / 2)))
   assert best["paired_gaps"] == pytest.approx([-0.03, -0.03])
-  assert "interior minimum" in sa.format_analysis(analysis)
+  assert "interior minimum" in sweep_report.format_analysis(analysis)
   # Minimum at an end of the grid (pure MoE lowest) is not interior.
   runs[0]["train"]["final_val_loss"] = runs[1]["train"]["final_val_loss"] = 4.9
-  flat = sa.analyse(sa.summarise(runs), runs)
+  flat = sweep_report.analyse(sweep_report.summarise(runs), runs)
   assert flat["argmin_rho"] == 1.0 and not flat["interior_minimum"] and flat["best_hybrid"]["gap"] > 0
 
 
@@ -97,7 +99,7 @@ def test_mean_curves_average_seeds_at_shared_steps():
   runs = [{"rho": 0.8, "train": {"val_curve": [[0, 9.0], [5, 4.0], [10, 3.0]]}},
           {"rho": 0.8, "train": {"val_curve": [[0, 9.2], [10, 3.4]]}},  # e.g. a resumed run that skipped step 5
           {"rho": 1.0, "train": {"val_curve": [[0, 9.1], [10, 3.1]]}}]
-  curves = sa.mean_curves(runs)
+  curves = sweep_report.mean_curves(runs)
   assert list(curves) == [1.0, 0.8]
   assert curves[0.8] == [(0, pytest.approx(9.1)), (10, pytest.approx(3.2))]
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from engram_jax import budget
+from engram_jax.experiments.sweep_report import analyse, final_loss, format_analysis, plot_curves, plot_sweep, summarise
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.models.config import ModelConfig
 
@@ -110,14 +111,6 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def final_loss(result: dict) -> float:
-  """The final validation loss in a train result (train.train_and_evaluate's dict)."""
-  for key in ("final_val_loss", "val_loss", "final_eval_loss", "eval_loss"):
-    if key in result:
-      return float(result[key])
-  raise KeyError(f"train result has no final validation loss; keys: {sorted(result)}")
-
-
 def routing_stats(run_dir: str) -> dict:
   """From the run's metrics.jsonl: mean MoE drop fraction over logged steps (capacity dispatch drops tokens, and
   fewer experts at lower rho could drop more), the last max/mean expert load and the last Engram gate means."""
@@ -132,156 +125,6 @@ def routing_stats(run_dir: str) -> dict:
     values = [r[key] for r in records if key in r]
     out[name] = values[-1] if values else None
   return out
-
-
-def summarise(runs: Sequence[dict]) -> list[dict]:
-  """Per rho: mean and sample std of the final validation loss over seeds."""
-  out = []
-  for rho in sorted({r["rho"] for r in runs}, reverse=True):
-    losses = [final_loss(r["train"]) for r in runs if r["rho"] == rho]
-    mean = sum(losses) / len(losses)
-    std = math.sqrt(sum((l - mean) ** 2 for l in losses) / (len(losses) - 1)) if len(losses) > 1 else 0.0
-    out.append({"rho": rho, "mean_val_loss": mean, "std_val_loss": std, "n": len(losses), "val_losses": losses})
-  return out
-
-
-def analyse(summary: Sequence[dict], runs: Sequence[dict]) -> dict:
-  """The numbers a sweep is read by: where the minimum is, and how far the best hybrid is from pure MoE (rho = 1)
-  in units of the seed noise.
-
-  `pooled_seed_std` pools the within-rho sample variances (each rho weighted by its n - 1 degrees of freedom).
-  For every hybrid rho: `gap` = mean loss - mean loss at rho = 1 (negative: the hybrid is better), `gap_in_seed_std`
-  = gap / pooled_seed_std, `gap_z` = gap / its standard error (pooled_seed_std * sqrt(1/n + 1/n_1)), and the paired
-  per-seed differences (all rhos of a seed see the same batches). `interior_minimum` is true when the lowest mean
-  is at neither end of the rho grid.
-  """
-  dof = sum(s["n"] - 1 for s in summary)
-  pooled = math.sqrt(sum((s["n"] - 1) * s["std_val_loss"] ** 2 for s in summary) / dof) if dof else None
-  lowest = min(summary, key=lambda s: s["mean_val_loss"])
-  rhos = [s["rho"] for s in summary]
-  out = {"pooled_seed_std": pooled, "pooled_dof": dof, "argmin_rho": lowest["rho"],
-         "interior_minimum": min(rhos) < lowest["rho"] < max(rhos), "gaps": [], "best_hybrid": None}
-  ref = next((s for s in summary if s["rho"] == 1.0), None)
-  if ref is None:
-    return out
-  by_seed = {r["seed"]: final_loss(r["train"]) for r in runs if r["rho"] == 1.0 and "seed" in r}
-  for s in summary:
-    if s["rho"] == 1.0:
-      continue
-    gap = s["mean_val_loss"] - ref["mean_val_loss"]
-    paired = [final_loss(r["train"]) - by_seed[r["seed"]] for r in runs
-              if r["rho"] == s["rho"] and r.get("seed") in by_seed]
-    out["gaps"].append({
-        "rho": s["rho"], "gap": gap,
-        "gap_in_seed_std": gap / pooled if pooled else None,
-        "gap_z": gap / (pooled * math.sqrt(1 / s["n"] + 1 / ref["n"])) if pooled else None,
-        "paired_gaps": paired})
-  if out["gaps"]:
-    out["best_hybrid"] = min(out["gaps"], key=lambda g: g["gap"])
-  return out
-
-
-def format_analysis(analysis: dict) -> str:
-  """Two-line reading of `analyse`'s output for logs and READMEs."""
-  pooled = analysis["pooled_seed_std"]
-  lines = [f"lowest mean loss at rho = {analysis['argmin_rho']:.3f} "
-           f"({'interior minimum' if analysis['interior_minimum'] else 'no interior minimum'}); pooled seed std "
-           + (f"{pooled:.4f} ({analysis['pooled_dof']} dof)" if pooled else "n/a (one seed per rho)")]
-  best = analysis["best_hybrid"]
-  if best:
-    units = f", {best['gap_in_seed_std']:+.2f} seed std, z {best['gap_z']:+.2f}" if pooled else ""
-    lines.append(f"best hybrid rho = {best['rho']:.3f}: {best['gap']:+.4f} nats vs rho = 1{units}")
-  return "\n".join(lines)
-
-
-def plot_sweep(summary: Sequence[dict], path: str, title: str = "", analysis: dict | None = None) -> None:
-  """Validation loss vs rho (mean over seeds, error bars = sample std; dots = single seeds) to a PNG.
-
-  With `analysis` (from `analyse`): a band of +- one pooled seed std around the pure-MoE mean, and, when rho = 1
-  was trained, a second panel of the paired gaps (each hybrid's loss minus rho = 1's loss on the same seed and
-  batches), which cancels the seed-to-seed offset that both share.
-  """
-  import matplotlib  # noqa: PLC0415 - plotting only when writing results.
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  gaps = [g for g in (analysis or {}).get("gaps", []) if g["paired_gaps"]]
-  fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(11 if gaps else 5.5, 4), squeeze=False)
-  ax = axes[0, 0]
-  rhos = [s["rho"] for s in summary]
-  ax.errorbar(rhos, [s["mean_val_loss"] for s in summary], yerr=[s["std_val_loss"] for s in summary],
-              marker="o", capsize=3, label="mean ± std over seeds")
-  for s in summary:
-    ax.scatter([s["rho"]] * len(s["val_losses"]), s["val_losses"], s=8, color="gray", alpha=0.6)
-  ref = next((s["mean_val_loss"] for s in summary if s["rho"] == 1.0), None)
-  pooled = (analysis or {}).get("pooled_seed_std")
-  if pooled and ref is not None:
-    ax.axhspan(ref - pooled, ref + pooled, color="tab:orange", alpha=0.15, label="rho = 1 mean ± pooled seed std")
-  ax.set_ylabel("final validation loss")
-  ax.set_title(title or "Sparsity allocation (iso P_tot, P_act, FLOPs)")
-  if gaps:
-    bx = axes[0, 1]
-    bx.axhline(0.0, color="black", lw=0.8)
-    bx.plot([1.0] + [g["rho"] for g in gaps], [0.0] + [sum(g["paired_gaps"]) / len(g["paired_gaps"]) for g in gaps],
-            marker="o", label="mean paired gap")
-    for g in gaps:
-      bx.scatter([g["rho"]] * len(g["paired_gaps"]), g["paired_gaps"], s=8, color="gray", alpha=0.6)
-    bx.set_ylabel("loss - loss at rho = 1, same seed (< 0: hybrid better)")
-    bx.set_title("Paired gap to pure MoE")
-  for a in axes[0]:
-    a.set_xlabel("rho = MoE share of sparse parameters (1 = pure MoE)")
-    a.invert_xaxis()
-    a.grid(alpha=0.3)
-    a.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def mean_curves(runs: Sequence[dict]) -> dict[float, list[tuple[int, float]]]:
-  """Per rho: the validation curve [(step, loss)] averaged over seeds, at the steps every seed evaluated."""
-  out = {}
-  for rho in sorted({r["rho"] for r in runs}, reverse=True):
-    curves = [dict(r["train"]["val_curve"]) for r in runs if r["rho"] == rho and r["train"].get("val_curve")]
-    if curves:
-      steps = sorted(set.intersection(*(set(c) for c in curves)))
-      out[rho] = [(step, sum(c[step] for c in curves) / len(curves)) for step in steps]
-  return out
-
-
-def plot_curves(runs: Sequence[dict], path: str) -> None:
-  """Validation loss against training step per rho (mean over seeds), and each hybrid's gap to rho = 1 along the
-  way, to a PNG: whether the gap grows or shrinks with tokens is the first question a flat end point raises."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  curves = mean_curves(runs)
-  ref = dict(curves.get(1.0, []))
-  fig, axes = plt.subplots(1, 2 if ref else 1, figsize=(11 if ref else 5.5, 4), squeeze=False)
-  ax = axes[0, 0]
-  color = {rho: f"C{i}" for i, rho in enumerate(curves)}  # one colour per rho in both panels
-  for rho, curve in curves.items():
-    late = [(s, v) for s, v in curve if s > 0]  # step 0 (~ln V) would squash the interesting range
-    ax.plot([s for s, _ in late], [v for _, v in late], marker=".", color=color[rho], label=f"rho {rho:.2f}")
-  ax.set_ylabel("validation loss (mean over seeds)")
-  ax.set_title("Validation curves")
-  if ref:
-    bx = axes[0, 1]
-    bx.axhline(0.0, color="black", lw=0.8)
-    for rho, curve in curves.items():
-      if rho != 1.0:
-        gap = [(s, v - ref[s]) for s, v in curve if s in ref and s > 0]
-        bx.plot([s for s, _ in gap], [g for _, g in gap], marker=".", color=color[rho], label=f"rho {rho:.2f}")
-    bx.set_ylabel("loss - loss at rho = 1 (< 0: hybrid better)")
-    bx.set_title("Gap to pure MoE during training")
-  for a in axes[0]:
-    a.set_xlabel("training step")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _default_train_fn():
