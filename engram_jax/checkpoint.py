@@ -21,9 +21,9 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = "model_config.json"
 # ModelConfig fields that change how a model computes, not what its parameters are: they may differ on resume.
 # (The Engram compression map itself is a variable of the checkpointed state, so where it was loaded from is not.)
-NON_STRUCTURAL_FIELDS = frozenset({"engram_compression_path", "compute_dtype", "remat", "engram.lookup", "engram.all_to_all_capacity_factor",
-                                   "moe.dispatch", "moe.capacity_factor", "moe.bias_update_rate",
-                                   "moe.seq_aux_loss_coef"})
+NON_STRUCTURAL_FIELDS = frozenset({"engram_compression_path", "compute_dtype", "remat", "engram.lookup",
+                                   "engram.all_to_all_capacity_factor", "moe.dispatch", "moe.capacity_factor",
+                                   "moe.bias_update_rate", "moe.seq_aux_loss_coef"})
 
 
 def config_to_dict(config: Any) -> dict:

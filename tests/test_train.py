@@ -12,10 +12,10 @@ import pytest
 
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import optim, train
-from toy_corpus import build_toy_corpus  # tests/ is on sys.path (pytest rootdir-relative import)
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
+from toy_corpus import build_toy_corpus  # tests/ is on sys.path (pytest rootdir-relative import)
 
 STEPS = 12
 

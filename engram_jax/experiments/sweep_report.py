@@ -76,6 +76,23 @@ def format_analysis(analysis: dict) -> str:
   return "\n".join(lines)
 
 
+def _figure(panels: int):
+  """A row of `panels` 5.5 x 4 inch axes (headless backend; matplotlib is imported only when plotting)."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  return plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+
+
+def _save(fig, path: str) -> None:
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_sweep(summary: Sequence[dict], path: str, title: str = "", analysis: dict | None = None) -> None:
   """Validation loss vs rho (mean over seeds, error bars = sample std; dots = single seeds) to a PNG.
 
@@ -83,12 +100,8 @@ def plot_sweep(summary: Sequence[dict], path: str, title: str = "", analysis: di
   was trained, a second panel of the paired gaps (each hybrid's loss minus rho = 1's loss on the same seed and
   batches), which cancels the seed-to-seed offset that both share.
   """
-  import matplotlib  # noqa: PLC0415 - plotting only when writing results.
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
   gaps = [g for g in (analysis or {}).get("gaps", []) if g["paired_gaps"]]
-  fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(11 if gaps else 5.5, 4), squeeze=False)
+  fig, axes = _figure(2 if gaps else 1)
   ax = axes[0, 0]
   rhos = [s["rho"] for s in summary]
   ax.errorbar(rhos, [s["mean_val_loss"] for s in summary], yerr=[s["std_val_loss"] for s in summary],
@@ -115,9 +128,7 @@ def plot_sweep(summary: Sequence[dict], path: str, title: str = "", analysis: di
     a.invert_xaxis()
     a.grid(alpha=0.3)
     a.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def mean_curves(runs: Sequence[dict]) -> dict[float, list[tuple[int, float]]]:
@@ -134,13 +145,9 @@ def mean_curves(runs: Sequence[dict]) -> dict[float, list[tuple[int, float]]]:
 def plot_curves(runs: Sequence[dict], path: str) -> None:
   """Validation loss against training step per rho (mean over seeds), and each hybrid's gap to rho = 1 along the
   way, to a PNG: whether the gap grows or shrinks with tokens is the first question a flat end point raises."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
   curves = mean_curves(runs)
   ref = dict(curves.get(1.0, []))
-  fig, axes = plt.subplots(1, 2 if ref else 1, figsize=(11 if ref else 5.5, 4), squeeze=False)
+  fig, axes = _figure(2 if ref else 1)
   ax = axes[0, 0]
   color = {rho: f"C{i}" for i, rho in enumerate(curves)}  # one colour per rho in both panels
   for rho, curve in curves.items():
@@ -161,6 +168,4 @@ def plot_curves(runs: Sequence[dict], path: str) -> None:
     a.set_xlabel("training step")
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
