@@ -38,15 +38,16 @@ def _rss_mb() -> float:
 
 
 def build(config, table_optimizer: str, batch: int, seq: int) -> dict:
-  """Compiles one variant's real train step (engram_jax.train.make_setup) on a random packed batch."""
+  """Compiles one variant's real train step (engram_jax.steps.make_setup) on a random packed batch."""
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from engram_jax import sharding, train  # noqa: PLC0415
+  from engram_jax import losses, sharding, steps  # noqa: PLC0415
+  from engram_jax.data.feed import to_global  # noqa: PLC0415
   from engram_jax.optim import OptimizerConfig  # noqa: PLC0415
 
   mesh = sharding.make_mesh("data=1")
-  setup = train.make_setup(config, OptimizerConfig(table_optimizer=table_optimizer), 1000, mesh)
+  setup = steps.make_setup(config, OptimizerConfig(table_optimizer=table_optimizer), 1000, mesh)
   state = setup.init(jnp.int32(0))
   rng = np.random.default_rng(0)
   # Packed rows: documents of 32..seq tokens, as the data pipeline produces them.
@@ -59,7 +60,7 @@ def build(config, table_optimizer: str, batch: int, seq: int) -> dict:
       i, doc = i + n, doc + 1
   data = {"targets": rng.integers(3, config.vocab_size, (batch, seq)).astype(np.int32), "segment_ids": seg,
           "positions": pos}
-  data = train.to_global(data, mesh)
+  data = to_global(data, mesh)
   t0 = time.perf_counter()
   compiled = setup.train_step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
@@ -73,7 +74,7 @@ def build(config, table_optimizer: str, batch: int, seq: int) -> dict:
   from flax import nnx  # noqa: PLC0415
 
   def loss(params, rest, batch):
-    nll, count, aux = train.lm_terms(nnx.merge(setup.graphdef, params, rest), batch)
+    nll, count, aux = losses.lm_terms(nnx.merge(setup.graphdef, params, rest), batch)
     return nll / jnp.maximum(count, 1.0) + aux["moe_aux_loss"]
 
   grad_only = jax.jit(lambda p, r, b: optax.global_norm(jax.grad(loss)(p, r, b)))

@@ -20,7 +20,7 @@ from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.optim import OptimizerConfig
-from engram_jax.train import RunConfig
+from engram_jax.run_config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,10 @@ from typing import Any
 import jax
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import sharding, train
+from engram_jax import cli, sharding
+from engram_jax.data.feed import check_batch_size, open_data, to_global
+from engram_jax.run_config import RunConfig
+from engram_jax.steps import make_setup, validation_loss
 from engram_jax.models.config import ModelConfig
 
 
@@ -45,7 +48,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
                    "in its checkpoints/ subdirectory); pass the MODEL_DIR of a training run")
 
 
-def evaluate(model_config: ModelConfig, run: train.RunConfig, checkpoint_path: str | os.PathLike,
+def evaluate(model_config: ModelConfig, run: RunConfig, checkpoint_path: str | os.PathLike,
              output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
   """Mean validation NLL (nats/token) and perplexity over `run.eval_batches` batches of `run.task`."""
   t0 = time.time()
@@ -56,18 +59,18 @@ def evaluate(model_config: ModelConfig, run: train.RunConfig, checkpoint_path: s
   checkpointer = ckpt_lib.Checkpointer(directory)
   checkpointer.check_model_config(model_config)
   mesh = sharding.make_mesh(run.mesh)
-  train.check_batch_size(run.batch_size, mesh, run.mesh)
+  check_batch_size(run.batch_size, mesh, run.mesh)
 
   # --- data, model, restore (parameters and non-trainable variables only)
-  _, val_batches = train.open_data(run, model_config.vocab_size)
-  val_batches = [train.to_global(b, mesh) for b in val_batches]
-  setup = train.make_setup(model_config, run.optimizer, run.steps, mesh)
+  _, val_batches = open_data(run, model_config.vocab_size)
+  val_batches = [to_global(b, mesh) for b in val_batches]
+  setup = make_setup(model_config, run.optimizer, run.steps, mesh)
   target = {k: setup.abstract[k] for k in ("params", "rest", "step")}
   restored = checkpointer.restore_subset(step, target)
   checkpointer.close()
 
   # --- evaluate
-  loss = train.validation_loss(setup.eval_step, restored, val_batches)
+  loss = validation_loss(setup.eval_step, restored, val_batches)
   tokens = int(sum(int(jax.device_get(b["segment_ids"] > 0).sum()) for b in val_batches))
   result = {"checkpoint": str(directory / str(step)), "step": int(jax.device_get(restored["step"])),
             "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": tokens,
@@ -82,10 +85,10 @@ def evaluate(model_config: ModelConfig, run: train.RunConfig, checkpoint_path: s
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  gin_files, bindings, args = train.parse_flags(sys.argv[1:] if argv is None else argv)
+  gin_files, bindings, args = cli.parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
   from engram_jax import configurables  # registers the library's classes with gin
   if args.distributed:
-    train.initialize_distributed()
+    cli.initialize_distributed()
   model_config, run, checkpoint_path, output_dir = configurables.resolve("evaluate", gin_files, bindings,
                                                                          args.gin_search_path)
   return evaluate(model_config, run, checkpoint_path, output_dir)

@@ -4,7 +4,7 @@
         --gin.MODEL_DIR="'/tmp/mp'" --gin.TRAIN_STEPS=20
 
 Each process gets ENGRAM_COORDINATOR / ENGRAM_NUM_PROCESSES / ENGRAM_PROCESS_ID (read by
-engram_jax.train.initialize_distributed) and --devices_per_process fake CPU devices; the global mesh spans all
+engram_jax.cli.initialize_distributed) and --devices_per_process fake CPU devices; the global mesh spans all
 processes' devices, each process feeds its own slice of the batch. This rehearses multi-host code paths (data
 sharding, checkpointing, logging on process 0 only) on one machine; on Cloud TPU use launch/tpu_vm_run.sh.
 Exit status: the first non-zero child status, else 0. Process 0 prints to this terminal; the others log to

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import optim, sharding, train
+from engram_jax import optim, sharding, steps
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
@@ -26,7 +26,7 @@ OPT = optim.OptimizerConfig()
 def saved(tmp_path_factory):
   """A full train state (params, Adam moments of both groups, MoE biases, step, rng) saved at steps 1..3."""
   directory = tmp_path_factory.mktemp("ckpt")
-  setup = train.make_setup(CONFIG, OPT, 10, sharding.make_mesh("data=8"))
+  setup = steps.make_setup(CONFIG, OPT, 10, sharding.make_mesh("data=8"))
   state = setup.init(jnp.int32(0))
   # Make every leaf distinctive (moments and biases are zero at init).
   state = jax.tree.map(lambda x: x + jnp.asarray(np.random.default_rng(x.size).normal(size=x.shape), x.dtype)
@@ -43,7 +43,7 @@ def test_keeps_the_last_n_and_restores_bit_exactly_onto_another_mesh(saved):
   ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=2)
   assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
   mesh = sharding.make_mesh("data=2,expert=2,model=2")
-  target = train.make_setup(CONFIG, OPT, 10, mesh).abstract
+  target = steps.make_setup(CONFIG, OPT, 10, mesh).abstract
   restored, data = ckpt.restore(3, target)
   assert data == {"epoch": 0, "index": 3}
   assert jax.tree.structure(restored) == jax.tree.structure(state)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engram_jax import configurables, sharding, train
+from engram_jax import cli, configurables, sharding
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.decoder import Decoder
 
@@ -82,9 +82,9 @@ def test_missing_gin_file_and_bad_flags():
   with pytest.raises(configurables.GinConfigError, match="gin file 'configs/nope.gin' not found"):
     configurables.resolve("train", ["configs/nope.gin"])
   with pytest.raises(SystemExit):
-    train.parse_flags(["--gin_file=configs/experiments/quickstart.gin", "--steps=3"])
+    cli.parse_flags(["--gin_file=configs/experiments/quickstart.gin", "--steps=3"])
   with pytest.raises(SystemExit):
-    train.parse_flags(["--gin.TRAIN_STEPS=3"])  # no gin file
+    cli.parse_flags(["--gin.TRAIN_STEPS=3"])  # no gin file
 
 
 def test_bad_field_value_fails_at_construction():
@@ -93,7 +93,7 @@ def test_bad_field_value_fails_at_construction():
 
 
 def test_flag_values_are_quoted_only_when_they_are_not_gin():
-  files, bindings, _ = train.parse_flags([
+  files, bindings, _ = cli.parse_flags([
       "--gin_file=a.gin", "--gin.MODEL_DIR=/tmp/x y", "--gin.TRAIN_STEPS=30", "--gin.RunConfig.mesh='data=2'",
       "--gin.ModelConfig.moe=@MoEConfig()", "--gin.RunConfig.stop_after=None", "--gin.X=(1, 2)",
       "--gin.MIXTURE_OR_TASK_NAME=engram_corpus_en", "--gin.Y=%TRAIN_STEPS"])

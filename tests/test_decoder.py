@@ -120,6 +120,10 @@ def test_precomputed_engram_hash_ids_equal_in_graph_hashing():
   # Wrong ids change the output: the precomputed path is really used.
   other, _ = fwd(model, tokens, seg, {l: (v + 1) % 101 for l, v in host_ids.items()})
   assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-5
+  # Rows gathered outside the model (host tables, row-sparse gradients) give the same logits.
+  rows = {l: model.blocks[l].engram.table[...][model.blocks[l].engram.flat_rows(v)] for l, v in host_ids.items()}
+  with_rows, _ = nnx.jit(lambda m, t, s, r: m(t, s, engram_rows=r))(model, tokens, seg, rows)
+  np.testing.assert_allclose(np.asarray(with_rows), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_segment_positions_restart_per_document():

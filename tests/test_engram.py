@@ -257,3 +257,30 @@ def test_paper_size_layer_builds_abstractly():
     assert rows[l] % 1024 == 0 and 0 <= rows[l] - m.spec.total_rows < 1024
     assert m.key_proj.get_value().shape == (4, 1280, 2560) and m.value_proj.get_value().shape == (1280, 2560)
   assert 2 * 16 * 2_262_400 <= sum(rows.values()) < 2 * 16 * 2_263_000
+
+
+def test_pregathered_rows_equal_table_lookup_and_their_gradient_is_the_table_gradient(layers):
+  """rows = table[flat_rows(hash ids)] fed in gives the in-graph output; d/d rows scattered back = d/d table."""
+  layer = layers[4]
+  h, ids = _inputs(seed=3)
+  seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 8], 2, axis=0), jnp.int32)
+  graphdef, state = nnx.split(layer)
+  flat = layer.flat_rows(layer.hash(ids, seg))  # [B, S, H]
+
+  def via_table(table):
+    m = nnx.merge(graphdef, state)
+    m.table.set_value(table)
+    return jnp.sum(jnp.sin(m(h, ids, seg)))
+
+  def via_rows(rows):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(h, ids, seg, rows=rows)))
+
+  table = layer.table[...]
+  rows = table[flat]  # [B, S, H, d]
+  np.testing.assert_allclose(via_rows(rows), via_table(table), rtol=1e-6)
+  g_table = jax.grad(via_table)(table)
+  g_rows = jax.grad(via_rows)(rows)
+  scattered = jnp.zeros_like(table).at[flat.reshape(-1)].add(g_rows.reshape(-1, table.shape[1]))
+  np.testing.assert_allclose(scattered, g_table, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="rows"):
+    layer(h, ids, seg, rows=rows[..., :-1])

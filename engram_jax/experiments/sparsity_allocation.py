@@ -136,7 +136,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
               command: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Trains every (rho, seed) not yet finished under `out_dir`, then writes results.json and loss_vs_rho.png.
 
-  `run` is the training run config (engram_jax.train.RunConfig): every point uses it unchanged except `seed`.
+  `run` is the training run config (engram_jax.run_config.RunConfig): every point uses it unchanged except `seed`.
   `train_fn(model_config, run_config, model_dir) -> dict` defaults to engram_jax.train.train_and_evaluate.
   """
   train_fn = train_fn or _default_train_fn()
@@ -202,9 +202,9 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
 
 def _parse_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """The training entry point's flags: --gin_file=F (repeatable), --gin.NAME=VALUE (bare strings get quoted)."""
-  from engram_jax import train  # noqa: PLC0415
+  from engram_jax import cli  # noqa: PLC0415
 
-  files, bindings, _ = train.parse_flags(argv)
+  files, bindings, _ = cli.parse_flags(argv, __doc__.split("\n")[0])
   return files, bindings
 
 

@@ -326,9 +326,13 @@ class Engram(nnx.Module):
     """Raw ids [B, S] -> per-head local row ids [B, S, H] (same as hashing.hash_ngrams_np on the host)."""
     return hashing.hash_ngrams_jnp(self.compress(token_ids), segment_ids, self.spec)
 
+  def flat_rows(self, hash_ids: jax.Array) -> jax.Array:
+    """Per-head local rows [B, S, H] -> rows of the flat table [B, S, H] int32 (head offsets added)."""
+    return hash_ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
+
   def retrieve(self, hash_ids: jax.Array) -> jax.Array:
     """Per-head local rows [B, S, H] -> e [B, S, E] (table dtype)."""
-    rows = hash_ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)  # [B, S, H]
+    rows = self.flat_rows(hash_ids)  # [B, S, H]
     e, dropped = lookup_rows(self.table[...], rows, self.config.lookup, self.mesh,
                              capacity_factor=self.config.all_to_all_capacity_factor, rules=self.rules)
     self.last_dropped.set_value(dropped)
@@ -353,19 +357,38 @@ class Engram(nnx.Module):
       raise ValueError("hash_ids must be per-head local rows in [0, prime of the head) (hashing.hash_ngrams_np), "
                        "not rows of the flat table")
 
-  def _gate_and_value(self, h: jax.Array, hash_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def _check_rows(self, rows: jax.Array, token_ids: jax.Array) -> None:
+    want = token_ids.shape + (self.spec.num_heads, self.config.head_dim)
+    if rows.shape != want:
+      raise ValueError(f"rows {rows.shape} must be the gathered table rows [B, S, H, d] = {want} "
+                       "(table[flat_rows(hash_ids)])")
+
+  def _embeddings(self, h: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None,
+                  hash_ids: jax.Array | None, rows: jax.Array | None) -> jax.Array:
+    """e [B, S, E]: the given rows, else rows looked up for the given (or in-graph) hash ids."""
+    self._check_h(h, token_ids)
+    if rows is not None:
+      self._check_rows(rows, token_ids)
+      return rows.reshape(rows.shape[:2] + (-1,))  # [B, S, E]
+    if hash_ids is None:
+      hash_ids = self.hash(token_ids, segment_ids)
+    else:
+      self._check_hash_ids(hash_ids, token_ids)
+    return self.retrieve(hash_ids)
+
+  def _gate_and_value(self, h: jax.Array, e: jax.Array) -> tuple[jax.Array, jax.Array]:
     dt = h.dtype
-    e = self.retrieve(hash_ids).astype(dt)  # [B, S, E]
+    e = e.astype(dt)  # [B, S, E]
     v = jnp.einsum("bse,ed->bsd", e, self.value_proj[...].astype(dt))  # [B, S, D]
     k = jnp.einsum("bse,ged->bsgd", e, self.key_proj[...].astype(dt))  # [B, S, G, D]
     alpha = context_gate(h, k, self.gate_norm_h[...], self.gate_norm_k[...], self.config.norm_eps)  # [B, S, G]
     return alpha, v
 
-  def _apply(self, h: jax.Array, hash_ids: jax.Array, segment_ids: jax.Array | None,
+  def _apply(self, h: jax.Array, e: jax.Array, segment_ids: jax.Array | None,
              conv_state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     dt = h.dtype
     eps = self.config.norm_eps
-    alpha, v = self._gate_and_value(h, hash_ids)  # [B, S, G], [B, S, D]
+    alpha, v = self._gate_and_value(h, e)  # [B, S, G], [B, S, D]
     if segment_ids is None:
       self.last_gate.set_value(jnp.mean(alpha, axis=(0, 1)))
     else:
@@ -379,26 +402,19 @@ class Engram(nnx.Module):
   # -- public API ------------------------------------------------------------------------------------------------
 
   def __call__(self, h: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None,
-               hash_ids: jax.Array | None = None) -> jax.Array:
+               hash_ids: jax.Array | None = None, rows: jax.Array | None = None) -> jax.Array:
     """h [B, S, G, D], token_ids [B, S] raw ids, segment_ids [B, S] (0 = pad) or None, hash_ids [B, S, H]
-    (per-head local rows from hashing.hash_ngrams_np, optional) -> residual update Y [B, S, G, D] in h.dtype."""
-    self._check_h(h, token_ids)
-    if hash_ids is None:
-      hash_ids = self.hash(token_ids, segment_ids)
-    else:
-      self._check_hash_ids(hash_ids, token_ids)
-    y, _ = self._apply(h, hash_ids, segment_ids, None)
+    (per-head local rows from hashing.hash_ngrams_np, optional), rows [B, S, H, d] (optional: the table rows
+    already gathered, e.g. from a host-resident table or as the leaves of a row-sparse gradient; the table is
+    then not read) -> residual update Y [B, S, G, D] in h.dtype."""
+    e = self._embeddings(h, token_ids, segment_ids, hash_ids, rows)
+    y, _ = self._apply(h, e, segment_ids, None)
     return y
 
   def gates(self, h: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None,
-            hash_ids: jax.Array | None = None) -> jax.Array:
+            hash_ids: jax.Array | None = None, rows: jax.Array | None = None) -> jax.Array:
     """Per-token gate values alpha [B, S, G] (float32) of the same inputs as __call__ (for gate pictures)."""
-    self._check_h(h, token_ids)
-    if hash_ids is None:
-      hash_ids = self.hash(token_ids, segment_ids)
-    else:
-      self._check_hash_ids(hash_ids, token_ids)
-    return self._gate_and_value(h, hash_ids)[0]
+    return self._gate_and_value(h, self._embeddings(h, token_ids, segment_ids, hash_ids, rows))[0]
 
   def init_decode_cache(self, batch_size: int, dtype=jnp.float32) -> EngramDecodeCache:
     """Empty decode state: pad ids and zero conv inputs (as before a sequence start)."""
@@ -407,17 +423,17 @@ class Engram(nnx.Module):
                              conv=jnp.zeros((batch_size, self.conv_state_len, g, self.d_model), dtype))
 
   def decode_step(self, h: jax.Array, token_ids: jax.Array, cache: EngramDecodeCache, *,
-                  hash_ids: jax.Array | None = None) -> tuple[jax.Array, EngramDecodeCache]:
+                  hash_ids: jax.Array | None = None, rows: jax.Array | None = None
+                  ) -> tuple[jax.Array, EngramDecodeCache]:
     """h [B, T, G, D], token_ids [B, T] (T = 1 per step; T > 1 prefills a chunk) -> (Y [B, T, G, D], new cache).
     Feeding a sequence chunk by chunk gives the full pass's output. hash_ids [B, T, H] (optional): rows hashed on
-    the host (e.g. to prefetch them) with the same history."""
+    the host (e.g. to prefetch them) with the same history; rows [B, T, H, d] (optional): those rows gathered."""
     self._check_h(h, token_ids)
     cids = self.compress(token_ids)  # [B, T]
-    if hash_ids is None:
+    if rows is None and hash_ids is None:
       hash_ids = hashing.hash_ngrams_jnp(cids, None, self.spec, history=cache.ids)  # [B, T, H]
-    else:
-      self._check_hash_ids(hash_ids, token_ids)
-    y, conv = self._apply(h, hash_ids, None, cache.conv)
+    e = self._embeddings(h, token_ids, None, hash_ids, rows)  # [B, T, E]
+    y, conv = self._apply(h, e, None, cache.conv)
     ids = jnp.concatenate([cache.ids, cids], axis=1)[:, -(self.config.max_ngram - 1):]  # [B, N-1]
     return y, EngramDecodeCache(ids=ids, conv=conv.astype(cache.conv.dtype))
 

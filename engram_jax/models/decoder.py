@@ -96,9 +96,9 @@ class Block(nnx.Module):
     else:
       self.ffn = SwiGLU(c.d_model, c.dense_hidden, compute_dtype=dt, rngs=rngs)
 
-  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids):
+  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids, rows):
     if self.engram is not None:
-      h = h + self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids).astype(h.dtype)  # [B, S, G, D]
+      h = h + self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids, rows=rows).astype(h.dtype)
     x, ctx = self.attn_hc.read(h)  # [B, S, D]
     h = self.attn_hc.write(ctx, self.attn(self.attn_norm(x), positions, segment_ids))  # [B, S, G, D]
     return self._ffn(h, token_mask)
@@ -112,10 +112,10 @@ class Block(nnx.Module):
       y = self.ffn(self.ffn_norm(x))
     return self.ffn_hc.write(ctx, y), metrics  # [B, S, G, D]
 
-  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids):
+  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids, rows):
     """Incremental form of __call__ (one document per row): returns (h', kv cache', engram cache')."""
     if self.engram is not None:
-      y, engram_cache = self.engram.decode_step(h, tokens, engram_cache, hash_ids=hash_ids)
+      y, engram_cache = self.engram.decode_step(h, tokens, engram_cache, hash_ids=hash_ids, rows=rows)
       h = h + y.astype(h.dtype)  # [B, T, G, D]
     x, ctx = self.attn_hc.read(h)
     y, kv_cache = self.attn.decode(self.attn_norm(x), kv_cache, positions)
@@ -123,8 +123,8 @@ class Block(nnx.Module):
     return h, kv_cache, engram_cache
 
 
-def _block_apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids):
-  return block(h, tokens, positions, segment_ids, token_mask, hash_ids)
+def _block_apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids, rows):
+  return block(h, tokens, positions, segment_ids, token_mask, hash_ids, rows)
 
 
 @jax.tree_util.register_dataclass
@@ -175,10 +175,11 @@ class Decoder(nnx.Module):
                                                                                                   mesh=self.mesh)))
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-               engram_hash_ids: dict[int, jax.Array] | None = None):
+               engram_hash_ids: dict[int, jax.Array] | None = None, engram_rows: dict[int, jax.Array] | None = None):
     """tokens [B, S] int32; segment_ids [B, S] (0 = padding, excluded from MoE load statistics; positions
-    default to restarting at each segment); engram_hash_ids: per Engram layer, precomputed row ids (else hashed
-    in-graph). Returns logits [B, S, V] float32 and aux (see `_aux`)."""
+    default to restarting at each segment); engram_hash_ids: per Engram layer, precomputed per-head row ids (else
+    hashed in-graph); engram_rows: per Engram layer, the table rows already gathered [B, S, H, d] (the table is
+    then not read). Returns logits [B, S, V] float32 and aux (see `_aux`)."""
     c = self.config
     tokens = tokens.astype(jnp.int32)
     if positions is None:
@@ -190,7 +191,8 @@ class Decoder(nnx.Module):
     moe_metrics, gates = [], []
     for i, block in enumerate(self.blocks):
       hash_ids = None if engram_hash_ids is None else engram_hash_ids.get(i)
-      h, metrics = apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids)
+      rows = None if engram_rows is None else engram_rows.get(i)
+      h, metrics = apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids, rows)
       h = self._constrain(h, "batch", "sequence", "branches", "embed")
       if metrics is not None:
         moe_metrics.append(metrics)
@@ -247,7 +249,8 @@ class Decoder(nnx.Module):
     return DecodeCache(kv, engram)
 
   def decode_step(self, tokens: jax.Array, cache: DecodeCache, positions: jax.Array | None = None,
-                  engram_hash_ids: dict[int, jax.Array] | None = None) -> tuple[jax.Array, DecodeCache]:
+                  engram_hash_ids: dict[int, jax.Array] | None = None,
+                  engram_rows: dict[int, jax.Array] | None = None) -> tuple[jax.Array, DecodeCache]:
     """Feeds tokens [B, T] (a prompt chunk or T = 1) after the cached ones; returns (logits [B, T, V], cache').
 
     One document per row. positions default to cache.length + 0..T-1. Feeding a sequence chunk by chunk gives the
@@ -260,8 +263,9 @@ class Decoder(nnx.Module):
     kv, engram = [], {}
     for i, block in enumerate(self.blocks):
       hash_ids = None if engram_hash_ids is None else engram_hash_ids.get(i)
+      rows = None if engram_rows is None else engram_rows.get(i)
       h, kv_i, engram_i = block.decode(h, tokens.astype(jnp.int32), positions, cache.kv[i], cache.engram.get(i),
-                                       hash_ids)
+                                       hash_ids, rows)
       kv.append(kv_i)
       if engram_i is not None:
         engram[i] = engram_i
