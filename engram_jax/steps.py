@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from engram_jax import optim, sharding
+from engram_jax import guard, optim, sharding
 from engram_jax.losses import lm_terms
 from engram_jax.models.config import ModelConfig
 
@@ -76,15 +76,15 @@ class Setup:
 
 
 def make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, total_steps: int, mesh,
-               compression: np.ndarray | None = None) -> Setup:
+               compression: np.ndarray | None = None, on_nonfinite: str = "stop") -> Setup:
   """Abstract model -> shardings, optimizer, sharded initializer and jitted steps (compiled on first call).
-  Cached per (model, optimizer, schedule length, mesh, compression map contents)."""
-  return _make_setup(model_config, optimizer, total_steps, mesh, FrozenMap.of(compression))
+  Cached per (model, optimizer, schedule length, mesh, compression map contents, non-finite mode)."""
+  return _make_setup(model_config, optimizer, total_steps, mesh, FrozenMap.of(compression), on_nonfinite)
 
 
 @functools.lru_cache(maxsize=4)
 def _make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, total_steps: int, mesh,
-                frozen_map: FrozenMap | None) -> Setup:
+                frozen_map: FrozenMap | None, on_nonfinite: str) -> Setup:
   compression = None if frozen_map is None else frozen_map.array
   abstract_model = nnx.eval_shape(lambda: build_model(model_config, mesh, 0, compression))
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -106,7 +106,7 @@ def _make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, tot
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init, jnp.int32(0)), shardings)
   schedule = optim.learning_rate_schedule(optimizer, total_steps)
-  train_step = make_train_step(graphdef, tx, _balance_update_fn(model_config), schedule)
+  train_step = guard.guarded(make_train_step(graphdef, tx, _balance_update_fn(model_config), schedule), on_nonfinite)
   return Setup(graphdef, tx, labels, shardings, abstract, init,
                jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None)),
                jax.jit(make_eval_step(graphdef)))
@@ -142,7 +142,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
       update_biases(model, jax.lax.stop_gradient(aux))
       rest = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
     metrics = {"loss": ce, "total_loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state["step"]), **{f"aux/{k}": v for k, v in aux.items()}}
+               "lr": schedule(state["step"]), **{f"aux/{k}": v for k, v in aux.items()},
+               guard.LEAVES: guard.nonfinite_leaves(grads)}  # read by guard.guarded
     new_state = {"params": params, "opt": opt, "rest": rest, "step": state["step"] + 1,
                  "rng": jax.random.split(state["rng"])[0]}  # the key advances every step (reserved for noise)
     return new_state, metrics
