@@ -30,6 +30,9 @@ class RunConfig:
   # 'vocab' merges the task vocabulary's pieces that normalise alike and saves the map to
   # MODEL_DIR/engram_compression.npy; 'none' hashes raw ids (identity map).
   engram_compression: str = "vocab"
+  # A non-finite loss or gradient (engram_jax.guard): 'stop' ends the run with an error naming the step and the
+  # parameter group, never saving the bad state; 'skip_step' keeps the previous state for that step and goes on.
+  on_nonfinite: str = "stop"
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
@@ -40,6 +43,8 @@ class RunConfig:
       raise ValueError(f"RunConfig.compute_dtype={self.compute_dtype!r}: use None, 'float32' or 'bfloat16'")
     if self.engram_compression not in ("vocab", "none"):
       raise ValueError(f"RunConfig.engram_compression={self.engram_compression!r}: use 'vocab' or 'none'")
+    if self.on_nonfinite not in ("stop", "skip_step"):
+      raise ValueError(f"RunConfig.on_nonfinite={self.on_nonfinite!r}: use 'stop' or 'skip_step'")
     if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
       raise ValueError(f"RunConfig.stop_after={self.stop_after} must be in [1, steps={self.steps}]")
 
