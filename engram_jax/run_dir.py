@@ -323,7 +323,7 @@ def load_model(path, mesh=None):
                           {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}, shardings)
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
     try:
-      restored = checkpointer.restore_subset(step, target)
+      restored = _restore_verified(checkpointer, step, steps, target)
     finally:
       checkpointer.close()
     nnx.replace_by_pure_dict(params, restored["params"])
@@ -331,6 +331,24 @@ def load_model(path, mesh=None):
     model = nnx.merge(graphdef, params, rest)
   _check_restored_maps(model, record)
   return model, dataclasses.replace(record, step=int(step))
+
+
+def _restore_verified(checkpointer, step: int, steps: list[int], target) -> dict:
+  """The step's params and rest, after checking its manifest; a corrupt step is refused, naming the bad files."""
+  from engram_jax import ckpt_integrity
+  try:
+    checkpointer.verify(step)
+    try:
+      return checkpointer.restore_subset(step, target)
+    except Exception as e:  # orbax / tensorstore errors on truncated or missing files
+      raise ckpt_integrity.CorruptCheckpointError(
+          f"checkpoint {checkpointer.directory / str(step)} could not be restored: {type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  except ckpt_integrity.CorruptCheckpointError as e:
+    earlier = [s for s in steps if s < step]
+    hint = (f"pass an earlier step, e.g. {checkpointer.directory / str(earlier[-1])}" if earlier
+            else "no earlier step exists")
+    raise ckpt_integrity.CorruptCheckpointError(f"{e}\nRefusing to load it. Fix: {hint}.") from None
 
 
 def _check_restored_maps(model, record: RunRecord) -> None:
