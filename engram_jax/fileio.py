@@ -10,6 +10,7 @@ the data goes straight to its name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import uuid
@@ -60,6 +61,17 @@ def atomic_write(path: PathLike, data: bytes | str) -> epath.Path:
 def write_json(path: PathLike, obj: Any) -> epath.Path:
   """atomic_write of `obj` as indented JSON; non-finite floats are refused (JSON has no NaN), never written bare."""
   return atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def finite_json(obj: Any) -> Any:
+  """`obj` with every non-finite float replaced by None (nested dicts, lists and tuples)."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: finite_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_json(v) for v in obj]
+  return obj
 
 
 def read_json(path: PathLike) -> Any:

@@ -3,31 +3,56 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from engram_jax import fileio
+
 
 class Logger:
-  """One place for the console line, metrics.jsonl and TensorBoard events."""
+  """One place for the console line, metrics.jsonl and TensorBoard events (process 0 only).
 
-  def __init__(self, model_dir: Path, enabled: bool):
+  metrics.jsonl gets one whole line per record (a single append); a line torn by an earlier crash is closed
+  first, so it stays a line of its own that readers skip. Non-finite numbers are written as null (strict JSON).
+  On an object store (gs://), where files cannot be appended to, the whole file is rewritten per record."""
+
+  def __init__(self, model_dir, enabled: bool):
     self.enabled = enabled
     self.writer = None
-    if enabled:
+    if not enabled:
+      return
+    self.path = fileio.as_path(model_dir) / "metrics.jsonl"
+    self.remote = fileio.is_remote(self.path)
+    text = self.path.read_text() if self.path.exists() else ""
+    if self.remote:
+      self.lines = text.splitlines(keepends=True)
+    else:
+      self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      if text and not text.endswith("\n"):
+        os.write(self.fd, b"\n")
+    try:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(str(model_dir / "tb"))
-      self.jsonl = open(model_dir / "metrics.jsonl", "a")
+      self.writer = SummaryWriter(str(fileio.as_path(model_dir) / "tb"))
+    except Exception as e:  # e.g. an object store tensorboardX cannot write to: keep training, say so
+      print(f"warning: no TensorBoard events ({type(e).__name__}: {e})", flush=True)
 
   def write(self, step: int, record: dict[str, Any], console: str | None = None) -> None:
     if not self.enabled:
       return
     if console:
       print(console, flush=True)
-    self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
-    self.jsonl.flush()
+    line = json.dumps(fileio.finite_json({"step": step, **record})) + "\n"
+    if self.remote:
+      self.lines.append(line)
+      fileio.atomic_write(self.path, "".join(self.lines))
+    else:
+      os.write(self.fd, line.encode("utf-8"))
+    if self.writer is None:
+      return
     for key, value in record.items():
       arr = None if value is None or isinstance(value, str) else np.asarray(value, dtype=np.float64)
       if arr is None:
@@ -40,8 +65,11 @@ class Logger:
 
   def close(self) -> None:
     if self.enabled:
-      self.writer.close()
-      self.jsonl.close()
+      if self.writer is not None:
+        self.writer.close()
+      if not self.remote:
+        os.close(self.fd)
+      self.enabled = False
 
 
 def summarize(metrics: list[dict]) -> dict[str, Any]:
@@ -49,7 +77,7 @@ def summarize(metrics: list[dict]) -> dict[str, Any]:
   host = jax.device_get(metrics)
   out = {}
   for key in host[0]:
-    if np.size(host[0][key]) == 0:  # e.g. a dense model's empty expert load
+    if key.startswith("guard/") or np.size(host[0][key]) == 0:  # guard flags; e.g. a dense model's empty load
       continue
     values = np.mean([np.asarray(m[key], np.float64) for m in host], axis=0)
     out[key] = values.tolist() if np.ndim(values) else float(values)
@@ -94,15 +122,30 @@ def plot_curves(path: Path, train_curve: list[tuple[int, float]], val_curve: lis
 
 
 
-def read_curves(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def read_records(path) -> list[dict]:
+  """The records of a metrics.jsonl; unreadable (torn) lines are skipped with a warning naming their number."""
+  path = fileio.as_path(path)
+  if not path.exists():
+    return []
+  records, bad = [], []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      bad.append(i)
+  if bad:
+    print(f"warning: {path}: skipped {len(bad)} unreadable line(s) {bad[:5]} (a record torn by a crash)", flush=True)
+  return records
+
+
+def read_curves(path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
   """(train, validation) loss curves from metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
   train, val = {}, {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      rec = json.loads(line)
-      if "loss" in rec:
-        train[rec["step"]] = rec["loss"]
-      if "val_loss" in rec:
-        val[rec["step"]] = rec["val_loss"]
+  for rec in read_records(path):
+    if rec.get("loss") is not None:
+      train[rec["step"]] = rec["loss"]
+    if rec.get("val_loss") is not None:
+      val[rec["step"]] = rec["val_loss"]
   return sorted(train.items()), sorted(val.items())
-

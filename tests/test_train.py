@@ -14,7 +14,7 @@ from engram_jax import checkpoint as ckpt_lib
 from engram_jax import losses, run_dir, sharding, steps, train
 from engram_jax.data.feed import open_data, to_global
 from engram_jax.run_config import RunConfig
-from tiny_run import STEPS, tiny_model, tiny_run  # tests/ is on sys.path (pytest rootdir-relative import)
+from tiny_run import STEPS, cli_flags, tiny_model, tiny_run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
 def read_jsonl(path):
@@ -113,24 +113,34 @@ def test_engram_compression_comes_from_the_vocabulary_and_travels_with_the_check
   np.testing.assert_array_equal(np.asarray(state["rest"]["blocks"][1]["engram"]["compression"]), saved)
 
 
-def test_rerunning_a_finished_run_only_reports(corpus, straight):
+def test_rerunning_a_finished_run_only_reports(corpus, straight, capsys):
+  """Nothing to train: says so, appends nothing to metrics.jsonl, keeps the first session's throughput."""
   model_dir, result = straight
+  metrics_before = (model_dir / "metrics.jsonl").read_text()
   again = train.train_and_evaluate(tiny_model(), tiny_run(corpus), model_dir)
-  assert again["start_step"] == again["steps"] == STEPS and again["tokens_per_s"] is None
+  assert f"already complete at step {STEPS}" in capsys.readouterr().out
+  assert again["start_step"] == again["steps"] == STEPS and again["tokens_per_s"] == result["tokens_per_s"] > 0
   assert again["final_val_loss"] == result["final_val_loss"] and again["val_curve"] == result["val_curve"]
+  assert (model_dir / "metrics.jsonl").read_text() == metrics_before
+  saved = json.loads((model_dir / "result.json").read_text())
+  assert saved["tokens_per_s"] == result["tokens_per_s"] and saved["status"] == "complete"
+
+
+def test_train_steps_below_the_checkpoint_is_refused_before_writing(corpus, straight):
+  """A smoke-mode TRAIN_STEPS on a finished MODEL_DIR: an error with the fix; config.gin is not (re)written."""
+  model_dir, _ = straight
+  with pytest.raises(ValueError, match=r"checkpoint at step 12, beyond RunConfig.steps=4 .*Fix: rerun with "
+                                       r"TRAIN_STEPS >= 12"):
+    train.main(cli_flags(model_dir, corpus) + ["--gin.TRAIN_STEPS=4"])
+  assert not (model_dir / "config.gin").exists()
+  with pytest.raises(ValueError, match=r"MODEL_DIR=.* is a file"):
+    train.train_and_evaluate(tiny_model(), tiny_run(corpus), model_dir / "result.json")
 
 
 def test_cli_two_steps_writes_operative_config(corpus, tmp_path):
   """python -m engram_jax.train with gin files and --gin.X=Y overrides: 2 steps end to end."""
   model_dir = tmp_path / "cli"
-  result = train.main([
-      "--gin_file=configs/models/engram_moe_tiny.gin", "--gin_file=configs/runs/pretrain.gin",
-      f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={STEPS}", "--gin.RunConfig.stop_after=2",
-      "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32", "--gin.ModelConfig.vocab_size=320", "--gin.ModelConfig.d_model=32",
-      "--gin.ModelConfig.head_dim=8", "--gin.ModelConfig.dense_hidden=64", "--gin.MoEConfig.expert_hidden=32",
-      "--gin.EngramConfig.head_dim=8", "--gin.EngramConfig.table_base_sizes=(101, 101)",
-      "--gin.OptimizerConfig.learning_rate=3e-3", "--gin.OptimizerConfig.warmup_steps=2",
-      f"--gin.RunConfig.data_dir='{corpus}'", "--gin.RunConfig.eval_batches=1"])
+  result = train.main(cli_flags(model_dir, corpus) + ["--gin.RunConfig.stop_after=2", "--gin.RunConfig.eval_batches=1"])
   assert result["steps"] == 2 and result["final_val_loss"] < math.log(320) + 1
   saved = json.loads((model_dir / run_dir.RECORD_FILE).read_text())["model_config"]
   assert saved == ckpt_lib.config_to_dict(tiny_model())  # the gin files + overrides built exactly this config
@@ -200,3 +210,22 @@ def test_two_process_cpu_job_trains(corpus, tmp_path):
   result = json.loads((model_dir / "result.json").read_text())
   assert result["steps"] == 6 and result["val_curve"][-1][1] < result["val_curve"][0][1] - 1.0
   assert ckpt_lib.Checkpointer(model_dir / "checkpoints").latest_step() == 6
+
+
+def test_torn_metrics_line_is_skipped_with_a_warning(corpus, straight, tmp_path, capsys):
+  """A crash mid-write leaves half a line: the next session closes it off and every reader skips it."""
+  import shutil
+  from engram_jax.metrics_io import Logger, read_records
+  model_dir = tmp_path / "torn"
+  shutil.copytree(straight[0], model_dir)
+  with open(model_dir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 12, "val_lo')
+  again = train.train_and_evaluate(tiny_model(), tiny_run(corpus), model_dir)
+  assert again["val_curve"] == straight[1]["val_curve"]
+  assert "skipped 1 unreadable line(s)" in capsys.readouterr().out
+  logger = Logger(model_dir, True)
+  logger.write(13, {"loss": float("nan"), "note": 1.5})
+  logger.close()
+  records = read_records(model_dir / "metrics.jsonl")
+  assert records[-1] == {"step": 13, "loss": None, "note": 1.5}  # whole line, strict JSON (no bare NaN)
+  assert (model_dir / "metrics.jsonl").read_text().count("\n") == len(records) + 1

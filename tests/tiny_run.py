@@ -25,3 +25,13 @@ def tiny_run(corpus, **overrides) -> RunConfig:
   base = dict(steps=STEPS, batch_size=8, seq_len=32, eval_every=6, eval_batches=2, checkpoint_every=6, log_every=1,
               data_dir=corpus, optimizer=optim.OptimizerConfig(learning_rate=3e-3, warmup_steps=2))
   return RunConfig(**{**base, **overrides})
+
+
+def cli_flags(model_dir, corpus) -> list[str]:
+  """`python -m engram_jax.train` flags that build exactly tiny_model() / tiny_run(corpus) (same compiled step)."""
+  return ["--gin_file=configs/models/engram_moe_tiny.gin", "--gin_file=configs/runs/pretrain.gin",
+          f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={STEPS}", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32",
+          "--gin.ModelConfig.vocab_size=320", "--gin.ModelConfig.d_model=32", "--gin.ModelConfig.head_dim=8",
+          "--gin.ModelConfig.dense_hidden=64", "--gin.MoEConfig.expert_hidden=32", "--gin.EngramConfig.head_dim=8",
+          "--gin.EngramConfig.table_base_sizes=(101, 101)", "--gin.OptimizerConfig.learning_rate=3e-3",
+          "--gin.OptimizerConfig.warmup_steps=2", f"--gin.RunConfig.data_dir='{corpus}'"]

@@ -67,7 +67,21 @@ def open_data(run: RunConfig, vocab_size: int):
   if not val_batches:
     raise ValueError(f"task {run.task!r}: the validation split yields no batch of {local_batch} x {run.seq_len} "
                      "tokens per process; lower RunConfig.batch_size / seq_len or use a larger validation split")
+  if jax.process_index() == 0:
+    print(data_summary(run, train_iter.info), flush=True)
   return train_iter, val_batches
+
+
+def data_summary(run: RunConfig, info: dict) -> str:
+  """'data engram_corpus_en at DIR | documents {...}; input lines skipped/repaired/split: ...' for the run log."""
+  from engram_jax.data import prepare
+  text = f"data {run.task}"
+  directory = resolved_data_dir(run)
+  manifest = prepare.verify_manifest(directory, check_hashes=False) if directory else None
+  if manifest is not None:
+    text += f" at {directory} | {prepare.corpus_summary(manifest)}"
+  skipped = {k: v for k, v in info.get("skipped_lines", prepare.SkipCounts()).as_dict().items() if v}
+  return text + (f" | shard lines skipped while reading: {skipped}" if skipped else "")
 
 
 def to_global(batch: Batch, mesh) -> dict[str, jax.Array]:

@@ -105,20 +105,17 @@ def _jsonable(x):
 
 def _write_json(path: str, obj) -> None:
   """Atomic: a crash never leaves a half-written result that would mark a run as finished."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(_jsonable(obj), f, indent=1)
-  os.replace(tmp, path)
+  from engram_jax import fileio  # noqa: PLC0415
+  fileio.atomic_write(path, json.dumps(_jsonable(obj), indent=1))
 
 
 def routing_stats(run_dir: str) -> dict:
   """From the run's metrics.jsonl: mean MoE drop fraction over logged steps (capacity dispatch drops tokens, and
   fewer experts at lower rho could drop more), the last max/mean expert load and the last Engram gate means."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
+  from engram_jax.metrics_io import read_records  # noqa: PLC0415 - the one reader of metrics.jsonl
+  records = read_records(os.path.join(run_dir, "metrics.jsonl"))
+  if not records:
     return {}
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
   drops = [r["aux/dropped_fraction"] for r in records if "aux/dropped_fraction" in r]
   out = {"mean_dropped_fraction": sum(drops) / len(drops) if drops else None}
   for key, name in (("aux/max_over_mean_load", "last_max_over_mean_load"), ("aux/engram_gate_mean", "last_gate")):
