@@ -25,6 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from engram_jax.config_checks import check_types
+
 BACKBONE = "backbone"
 TABLE = "table"
 
@@ -46,6 +48,7 @@ class OptimizerConfig:
   table_weight_decay: float = 0.0  # Paper: no weight decay on Engram embeddings.
 
   def __post_init__(self):
+    check_types(self)  # a wrong type fails here, naming the field, not inside a comparison below
     if self.learning_rate <= 0:
       raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate} must be > 0")
     if self.warmup_steps < 0:

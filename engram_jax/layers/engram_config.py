@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from engram_jax.config_checks import check_types
+
 LOOKUPS = ("take", "shard_map", "all_to_all")
 
 
@@ -32,6 +34,8 @@ class EngramConfig:
   norm_eps: float = 1e-6  # RMSNorm epsilon of the gate and conv norms.
 
   def __post_init__(self):
+    check_types(self)  # a wrong type fails here, naming the field, not inside a comparison below
+
     def bad(field, why):
       raise ValueError(f"EngramConfig.{field}={getattr(self, field)!r}: {why}")
 
