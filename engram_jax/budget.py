@@ -361,7 +361,13 @@ def format_table(allocs: Sequence[Allocation]) -> str:
   return "\n".join(lines)
 
 
-if __name__ == "__main__":
-  from engram_jax.experiments import sparsity_allocation  # noqa: PLC0415 - the CLI lives with the sweep.
+def main(argv: Sequence[str] | None = None) -> None:
+  """python -m engram_jax.budget: the budget table of a sparsity-allocation plan (flags: engram_jax.cli)."""
+  from engram_jax import cli  # noqa: PLC0415 - flags and gin
+  from engram_jax.experiments.sparsity_allocation import print_budget  # noqa: PLC0415 - the plan's printer
+  return cli.run(cli.BUDGET, argv, print_budget)
 
-  sparsity_allocation.main(budget_only=True)
+
+if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy
+  from engram_jax import budget as _entry
+  _entry.main()

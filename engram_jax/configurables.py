@@ -1,11 +1,13 @@
-"""Gin registration of the library's plain classes, and config resolution for the entry points.
+"""Gin registration of the library's plain classes, and config resolution for every entry point (engram_jax.cli).
 
-The only library module besides the entry points (train.py / eval.py `main`) that imports gin. Gin files bind:
-  ModelConfig.*, MoEConfig.*, EngramConfig.*, RunConfig.*, OptimizerConfig.*  (plain frozen dataclasses)
-  train.model_config / train.run / train.model_dir            (what `python -m engram_jax.train` runs)
-  evaluate.checkpoint_path / evaluate.config (EvalConfig.*) / evaluate.output_dir        (`engram_jax.eval`)
-T5X-style macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, CHECKPOINT_PATH) are
-defined in configs/runs/*.gin and overridden on the command line with --gin.NAME=VALUE.
+The only library module that imports gin. Gin files bind:
+  ModelConfig.*, MoEConfig.*, EngramConfig.*, RunConfig.*, OptimizerConfig.*, EvalConfig.*, SweepConfig.*
+  train.model_config / train.run / train.model_dir                  (python -m engram_jax.train)
+  evaluate.checkpoint_path / evaluate.config / evaluate.output_dir   (python -m engram_jax.eval)
+  sparsity_allocation.sweep / .run / .out_dir                        (the sweep and python -m engram_jax.budget)
+T5X-style macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, CHECKPOINT_PATH, OUT_DIR) are
+declared in the gin files and overridden on the command line with --gin.NAME=VALUE; a macro the files do not
+declare is an error (a misspelling would otherwise be silently ignored).
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from pathlib import Path
 
 import gin
 
-from engram_jax.eval import EvalConfig
+from engram_jax.experiments.sparsity_allocation import SweepConfig
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.optim import OptimizerConfig
-from engram_jax.run_config import RunConfig
+from engram_jax.run_config import EvalConfig, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 for _cls in (ModelConfig, MoEConfig, EngramConfig, OptimizerConfig, RunConfig, EvalConfig):
   gin.external_configurable(_cls, module="engram_jax")
+gin.external_configurable(SweepConfig, module="engram_jax.experiments")
 
 
 @gin.configurable("train", module="engram_jax")
@@ -43,11 +46,27 @@ def eval_args(checkpoint_path: str = gin.REQUIRED, config: EvalConfig = EvalConf
   return checkpoint_path, config, output_dir
 
 
+@gin.configurable("sparsity_allocation", module="engram_jax.experiments")
+def sweep_args(sweep: SweepConfig = gin.REQUIRED, run: RunConfig | None = None, out_dir: str | None = None):
+  """What the sparsity-allocation sweep (and the budget table) plans: (sweep, run config or None, out dir)."""
+  return sweep, run, out_dir
+
+
+KINDS = {"train": train_args, "evaluate": eval_args, "sparsity_allocation": sweep_args}
+
+
 class GinConfigError(ValueError):
   """A gin file or binding that cannot be applied (raised before anything is built or compiled)."""
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> None:
+def _macro_help(entry) -> str:
+  if entry is None:
+    return "MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, CHECKPOINT_PATH, OUT_DIR"
+  return ", ".join(m for m, _ in entry.macros) + f" (see {entry.prog} --help)"
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
+          entry=None) -> None:
   """Clears gin, then parses files and bindings; errors name the offending file or binding."""
   gin.clear_config()
   for path in (os.getcwd(), str(REPO_ROOT), *search_paths):
@@ -67,15 +86,13 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: 
         gin.query_parameter(f"{name}/macro.value")
       except ValueError:
         raise GinConfigError(f"gin binding {b!r}: no macro {name!r} is declared in {list(gin_files)}; "
-                             "macros of configs/runs/*.gin: MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, "
-                             "MIXTURE_OR_TASK_NAME (and CHECKPOINT_PATH for eval)") from None
+                             f"macros: {_macro_help(entry)}") from None
     try:
       gin.parse_config(b)
     except Exception as e:
       raise GinConfigError(f"gin binding {b!r}: {e}\nFix: check the name against the configurables "
-                           "(ModelConfig, MoEConfig, EngramConfig, RunConfig, OptimizerConfig, train, evaluate) "
-                           "and macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, "
-                           "CHECKPOINT_PATH).") from None
+                           f"({entry.configurables if entry else 'ModelConfig.*, RunConfig.*, ...'}) and macros "
+                           f"({_macro_help(entry)}).") from None
   # Finalize hooks find %gin.REQUIRED macros nobody set and unknown references. The config stays unlocked so
   # other entry points (e.g. the sparsity sweep) can still register their configurables in this process.
   with gin.unlock_config():
@@ -85,16 +102,17 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: 
       raise GinConfigError(f"{e}\nFix: set it with --gin.NAME=VALUE (see the header of configs/runs/*.gin)") from None
 
 
-def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()):
+def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
+            entry=None):
   """Parses the config and builds the entry point's arguments: 'train' -> (model, run, model_dir); 'evaluate' ->
-  (checkpoint_path, eval config, output_dir). Config errors (missing macros, bad fields) raise GinConfigError."""
-  parse(gin_files, bindings, search_paths)
-  fn = {"train": train_args, "evaluate": eval_args}[kind]
+  (checkpoint_path, eval config, output_dir); 'sparsity_allocation' -> (sweep, run or None, out_dir or None).
+  Config errors (unknown names, missing macros, bad field values) raise GinConfigError."""
+  parse(gin_files, bindings, search_paths, entry)
   try:
-    return fn()
+    return KINDS[kind]()
   except (ValueError, TypeError, RuntimeError) as e:  # e.g. a %gin.REQUIRED macro nobody set, a bad field value
-    raise GinConfigError(f"{kind}: {e}\nFix: set required macros with --gin.NAME=VALUE (see the header of "
-                         "configs/runs/*.gin); field errors name the field.") from None
+    raise GinConfigError(f"{kind}: {e}\nFix: set required macros with --gin.NAME=VALUE ({_macro_help(entry)}); "
+                         "field errors name the field.") from None
 
 
 def operative_config() -> str:

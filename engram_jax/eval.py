@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,31 +22,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from engram_jax import cli, fileio, run_dir, sharding
-from engram_jax.data.feed import check_batch_size, open_data, to_global
-from engram_jax.run_config import RunConfig
+from engram_jax import cli, fileio, run_dir
+from engram_jax.data.feed import check_batch_size, make_mesh, open_data, to_global
+from engram_jax.run_config import EvalConfig, RunConfig
 from engram_jax.steps import make_eval_step, validation_loss
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  """What to evaluate on; None fields take the value training used (from the run record)."""
-
-  task: str | None = None  # Data task (MIXTURE_OR_TASK_NAME).
-  data_dir: str | None = None  # Corpus directory of the task.
-  seq_len: int | None = None  # Tokens per row.
-  batch_size: int | None = None  # Global rows per batch; must divide over the mesh's data x expert devices.
-  eval_batches: int | None = None  # Validation batches (the split may hold fewer: then all of it is used).
-  mesh: str = "data=-1"  # sharding.make_mesh spec of the devices to evaluate on.
-  compute_dtype: str | None = None  # 'bfloat16' / 'float32' overrides the model's; None keeps it.
-
-  def __post_init__(self):
-    for name in ("seq_len", "batch_size", "eval_batches"):
-      value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"EvalConfig.{name}={value!r} must be an integer >= 1 (or None: as in training)")
-    if self.compute_dtype not in (None, "float32", "bfloat16"):
-      raise ValueError(f"EvalConfig.compute_dtype={self.compute_dtype!r}: use None, 'float32' or 'bfloat16'")
 
 
 def eval_run_config(record: run_dir.RunRecord, config: EvalConfig) -> RunConfig:
@@ -66,7 +44,7 @@ def evaluate(checkpoint_path: str | os.PathLike, config: EvalConfig | None = Non
   """Mean validation NLL (nats/token) and perplexity of a checkpoint; writes eval_step<N>.json."""
   t0 = time.time()
   config = config or EvalConfig()
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh)
   # --- the run's record first: a bad path or a corrupt step fails before any data is read
   model_dir, _, _ = run_dir.locate(checkpoint_path)
   record = run_dir.read_record(model_dir)
@@ -112,13 +90,8 @@ def _with_compute_dtype(model, compute_dtype: str, mesh):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  gin_files, bindings, args = cli.parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0],
-                                              default_gin_files=["configs/runs/eval.gin"])
-  from engram_jax import configurables  # registers the library's classes with gin
-  if args.distributed:
-    cli.initialize_distributed()
-  checkpoint_path, config, output_dir = configurables.resolve("evaluate", gin_files, bindings, args.gin_search_path)
-  return evaluate(checkpoint_path, config, output_dir)
+  """python -m engram_jax.eval (flags and --help: engram_jax.cli.EVAL)."""
+  return cli.run(cli.EVAL, argv, evaluate)
 
 
 if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy

@@ -1,10 +1,12 @@
-"""RunConfig: everything about a training run that is not the model (data, length, optimizer, cadence, mesh)."""
+"""RunConfig: everything about a training run that is not the model (data, length, optimizer, cadence, mesh);
+EvalConfig: what evaluation of a checkpoint reads (defaults: as in training)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from engram_jax import optim
+from engram_jax.config_checks import check_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,9 @@ class RunConfig:
   on_nonfinite: str = "stop"
 
   def __post_init__(self):
+    check_types(self)
+    if self.seed < 0:
+      raise ValueError(f"RunConfig.seed={self.seed} must be >= 0 (it seeds jax.random and numpy)")
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
                  "keep_checkpoints", "log_every"):
       if getattr(self, name) < 1:
@@ -48,3 +53,32 @@ class RunConfig:
     if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
       raise ValueError(f"RunConfig.stop_after={self.stop_after} must be in [1, steps={self.steps}]")
 
+  def warnings(self) -> list[str]:
+    """Settings that run but are probably not meant (printed before training starts)."""
+    out = []
+    if self.optimizer.warmup_steps >= self.steps:
+      out.append(f"OptimizerConfig.warmup_steps={self.optimizer.warmup_steps} >= RunConfig.steps={self.steps} "
+                 "(TRAIN_STEPS): the learning rate never reaches its peak nor decays")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate on; None fields take the value training used (from the run record)."""
+
+  task: str | None = None  # Data task (MIXTURE_OR_TASK_NAME).
+  data_dir: str | None = None  # Corpus directory of the task.
+  seq_len: int | None = None  # Tokens per row.
+  batch_size: int | None = None  # Global rows per batch; must divide over the mesh's data x expert devices.
+  eval_batches: int | None = None  # Validation batches (the split may hold fewer: then all of it is used).
+  mesh: str = "data=-1"  # sharding.make_mesh spec of the devices to evaluate on.
+  compute_dtype: str | None = None  # 'bfloat16' / 'float32' overrides the model's; None keeps it.
+
+  def __post_init__(self):
+    check_types(self)
+    for name in ("seq_len", "batch_size", "eval_batches"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"EvalConfig.{name}={value!r} must be an integer >= 1 (or None: as in training)")
+    if self.compute_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"EvalConfig.compute_dtype={self.compute_dtype!r}: use None, 'float32' or 'bfloat16'")

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import cli, fileio, guard, optim, run_dir, sharding
-from engram_jax.data.feed import check_batch_size, open_data, resolved_data_dir, task_vocabulary, to_global
+from engram_jax import cli, fileio, guard, optim, run_dir
+from engram_jax.config_checks import check_types
+from engram_jax.data.feed import (check_batch_size, make_mesh, open_data, resolved_data_dir, task_vocabulary,
+                                  to_global)
 from engram_jax.metrics_io import Logger, moe_engram_text, duration, plot_curves, read_curves, summarize
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.decoder import validate_config
@@ -59,10 +60,13 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
     model_config = dataclasses.replace(model_config, compute_dtype=run.compute_dtype)
   chief = jax.process_index() == 0
 
-  # --- checks before anything is written or compiled: mesh, batch, model config, the checkpoint to resume
-  mesh = sharding.make_mesh(run.mesh)
+  # --- checks before anything is written or compiled: types, mesh, batch, model config, the checkpoint to resume
+  check_types(model_config)
+  mesh = make_mesh(run.mesh)
   check_batch_size(run.batch_size, mesh, run.mesh)
   validate_config(model_config, mesh)
+  for warning in run.warnings() if chief else ():
+    print(f"warning: {warning}", flush=True)
   if model_dir.exists() and not model_dir.is_dir():
     raise ValueError(f"MODEL_DIR={str(model_dir)!r} is a file; pass a directory (new or of an earlier run)")
   saved_steps = ckpt_lib.finished_steps(model_dir / "checkpoints")
@@ -231,16 +235,13 @@ def save_operative_config(model_dir: Path, text: str, start: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  gin_files, bindings, args = cli.parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
-  from engram_jax import configurables  # registers the library's classes with gin
-  if args.distributed:
-    cli.initialize_distributed()
-  model_config, run, model_dir = configurables.resolve("train", gin_files, bindings, args.gin_search_path)
-  try:
+  """python -m engram_jax.train (flags and --help: engram_jax.cli.TRAIN)."""
+  from engram_jax import configurables  # gin: entry points only
+
+  def train(model_config, run, model_dir):
     return train_and_evaluate(model_config, run, model_dir, operative_config=configurables.operative_config())
-  except guard.NonFiniteError as e:  # a clear reason and a non-zero exit status, not a traceback
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(3) from None
+
+  return cli.run(cli.TRAIN, argv, train)
 
 
 if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy

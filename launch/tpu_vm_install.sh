@@ -2,14 +2,16 @@
 # Copy this repository to every worker of a TPU VM slice and install it (Python 3.12 venv, pinned requirements,
 # jax with the TPU runtime). Re-run after code changes (it re-copies the tree; the venv is kept).
 #   TPU_NAME=engram ZONE=us-central2-b launch/tpu_vm_install.sh
+# DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
+run() { if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi; }
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REMOTE_DIR="${REMOTE_DIR:-engram_jax}"
 cd "$(dirname "$0")/.."
-tar czf /tmp/engram_jax_src.tgz --exclude=.venv --exclude=.git --exclude='__pycache__' .
-gcloud compute tpus tpu-vm scp /tmp/engram_jax_src.tgz "$TPU_NAME":/tmp/ --zone="$ZONE" --worker=all \
+run tar czf /tmp/engram_jax_src.tgz --exclude=.venv --exclude=.git --exclude='__pycache__' .
+run gcloud compute tpus tpu-vm scp /tmp/engram_jax_src.tgz "$TPU_NAME":/tmp/ --zone="$ZONE" --worker=all \
   ${PROJECT:+--project="$PROJECT"}
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"} --command="
+run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"} --command="
   set -e
   mkdir -p ~/$REMOTE_DIR && tar xzf /tmp/engram_jax_src.tgz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR
   command -v python3.12 >/dev/null || (sudo apt-get update -q && sudo apt-get install -yq python3.12 python3.12-venv)

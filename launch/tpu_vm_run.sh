@@ -8,11 +8,13 @@
 #     --gin.RunConfig.mesh="'data=-1,expert=8'"
 # Logs: process 0's output streams here; every worker also writes ~/engram_train.log. Stop with
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="pkill -f engram_jax.train"
+# DRY_RUN=1 prints the gcloud command instead of running it.
 set -euo pipefail
+run() { if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi; }
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REMOTE_DIR="${REMOTE_DIR:-engram_jax}"
 ENTRY="${ENTRY:-engram_jax.train}"
 ARGS=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"} --command="
+run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"} --command="
   cd ~/$REMOTE_DIR && TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m $ENTRY --distributed $ARGS 2>&1 | tee ~/engram_train.log
 "

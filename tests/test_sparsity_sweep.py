@@ -124,7 +124,7 @@ def test_changed_plan_refuses_stale_results(swept):
 
 
 def test_budget_cli_prints_table(capsys):
-  sa.main([f"--gin_file={TOY}"], budget_only=True)
+  budget.main([f"--gin_file={TOY}"])
   text = capsys.readouterr().out
   sweep, run, _ = sa.load_gin([TOY])
   allocs = sa.plan_sweep(sweep, run.seq_len)

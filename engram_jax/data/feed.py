@@ -21,6 +21,14 @@ def data_parallel_size(mesh) -> int:
   return math.prod(mesh.shape[a] for a in sharding.mesh_axes("batch") if a in mesh.shape)
 
 
+def make_mesh(spec: str):
+  """sharding.make_mesh with errors that name RunConfig.mesh."""
+  try:
+    return sharding.make_mesh(spec)
+  except ValueError as e:
+    raise ValueError(f"RunConfig.mesh={spec!r}: {e}") from None
+
+
 def check_batch_size(batch_size: int, mesh, spec: str) -> None:
   n = data_parallel_size(mesh)
   if batch_size % n or batch_size % jax.process_count():

@@ -194,71 +194,43 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gin entry point (gin is imported only here, never by the library)
+# Entry points (flags and gin: engram_jax.cli / engram_jax.configurables)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _parse_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """The training entry point's flags: --gin_file=F (repeatable), --gin.NAME=VALUE (bare strings get quoted)."""
-  from engram_jax import cli  # noqa: PLC0415
-
-  files, bindings, _ = cli.parse_flags(argv, __doc__.split("\n")[0])
-  return files, bindings
-
-
-_GIN_ENTRY = None
-
-
-def _gin_entry():
-  """Registers SweepConfig and the `sparsity_allocation` entry once (library classes: engram_jax.configurables)."""
-  global _GIN_ENTRY
-  if _GIN_ENTRY is None:
-    import gin  # noqa: PLC0415
-
-    from engram_jax import configurables  # noqa: F401, PLC0415 - registers ModelConfig, RunConfig, ... with gin.
-
-    gin.external_configurable(SweepConfig, module="engram_jax.experiments")
-
-    def sparsity_allocation(sweep: SweepConfig = gin.REQUIRED, run=None, out_dir: str | None = None):
-      return sweep, run, out_dir
-
-    _GIN_ENTRY = gin.external_configurable(sparsity_allocation, module="engram_jax.experiments")
-  return _GIN_ENTRY
-
-
 def load_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> tuple[SweepConfig, object, str | None]:
-  """Parses gin files and bindings (clearing any earlier config) -> (sweep, run config or None, out_dir or None)."""
-  entry = _gin_entry()
-  import gin  # noqa: PLC0415
-
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  with gin.unlock_config():
-    gin.clear_config()
-    gin.add_config_file_search_path(root)  # configs/... resolve from the repo root too
-    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
-  return entry()
+  """Parses gin files and bindings like the command line does -> (sweep, run config or None, out_dir or None)."""
+  from engram_jax import cli, configurables  # noqa: PLC0415 - gin lives there
+  return configurables.resolve("sparsity_allocation", files, bindings, entry=cli.SWEEP)
 
 
-def main(argv: Sequence[str] | None = None, budget_only: bool = False) -> dict | None:
-  files, bindings = _parse_args(sys.argv[1:] if argv is None else argv)
-  sweep, run, out_dir = load_gin(files, bindings)
-  if budget_only or run is None:
-    allocs = plan_sweep(sweep, getattr(run, "seq_len", None))
-    print(f"budget table (seq_len {getattr(run, 'seq_len', None) or sweep.seq_len} for FLOPs; rho=1 is the reference)")
-    print(budget.format_table(allocs))
-    if sweep.train_flops:
-      fpt = allocs[0].budget.flops_per_token
-      print(f"compute budget C = {sweep.train_flops:.3g} FLOPs -> {sweep.train_flops / fpt:.4g} training tokens "
-            f"per point ({fpt:.4g} FLOPs/token, {sweep.train_flops / fpt / allocs[0].budget.active:.1f} tokens "
-            "per activated parameter)")
-    return None
-  if out_dir is None:
-    raise ValueError("sparsity_allocation.out_dir is unset; bind it in the gin file or pass "
-                     "--gin.sparsity_allocation.out_dir=DIR")
-  command = " ".join([sys.executable, "-m", "engram_jax.experiments.sparsity_allocation"] + list(
-      sys.argv[1:] if argv is None else argv))
-  return run_sweep(sweep, run, out_dir, command=command)
+def print_budget(sweep: SweepConfig, run=None, out_dir: str | None = None) -> None:
+  """The budget table of the plan (and the training tokens of the compute budget, when it is given)."""
+  allocs = plan_sweep(sweep, getattr(run, "seq_len", None))
+  print(f"budget table (seq_len {getattr(run, 'seq_len', None) or sweep.seq_len} for FLOPs; rho=1 is the reference)")
+  print(budget.format_table(allocs))
+  if sweep.train_flops:
+    fpt = allocs[0].budget.flops_per_token
+    print(f"compute budget C = {sweep.train_flops:.3g} FLOPs -> {sweep.train_flops / fpt:.4g} training tokens "
+          f"per point ({fpt:.4g} FLOPs/token, {sweep.train_flops / fpt / allocs[0].budget.active:.1f} tokens "
+          "per activated parameter)")
 
 
-if __name__ == "__main__":
-  main()
+def main(argv: Sequence[str] | None = None) -> dict | None:
+  from engram_jax import cli  # noqa: PLC0415
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command = " ".join([sys.executable, "-m", "engram_jax.experiments.sparsity_allocation", *argv])
+
+  def sweep_or_budget(sweep, run, out_dir):
+    if run is None:  # a budget-only file (no RunConfig): print the table
+      return print_budget(sweep, run)
+    if out_dir is None:
+      raise ValueError("sparsity_allocation.out_dir is unset; bind it in the gin file or pass --gin.OUT_DIR=DIR")
+    return run_sweep(sweep, run, out_dir, command=command)
+
+  return cli.run(cli.SWEEP, argv, sweep_or_budget)
+
+
+if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy
+  from engram_jax.experiments import sparsity_allocation as _entry
+  _entry.main()
