@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,11 +33,11 @@ class Logger:
       self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
       if text and not text.endswith("\n"):
         os.write(self.fd, b"\n")
-    try:
+    if self.remote:  # tensorboardX needs extra packages for object stores; metrics.jsonl holds every value
+      print(f"note: no TensorBoard events for {model_dir} (written for local MODEL_DIRs only)", flush=True)
+    else:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(str(fileio.as_path(model_dir) / "tb"))
-    except Exception as e:  # e.g. an object store tensorboardX cannot write to: keep training, say so
-      print(f"warning: no TensorBoard events ({type(e).__name__}: {e})", flush=True)
 
   def write(self, step: int, record: dict[str, Any], console: str | None = None) -> None:
     if not self.enabled:
@@ -102,7 +101,9 @@ def duration(seconds: float) -> str:
       f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def plot_curves(path: Path, train_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]], title: str):
+def plot_curves(path, train_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]], title: str):
+  """Train and validation loss against step, as a PNG at `path` (local or gs://), written atomically."""
+  import io
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -117,9 +118,10 @@ def plot_curves(path: Path, train_curve: list[tuple[int, float]], val_curve: lis
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
-
+  fileio.atomic_write(path, buf.getvalue())
 
 
 def read_records(path) -> list[dict]:

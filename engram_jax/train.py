@@ -23,7 +23,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -55,7 +54,7 @@ def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str
 def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str | os.PathLike,
                         operative_config: str | None) -> dict[str, Any]:
   t_start = time.time()
-  model_dir = Path(model_dir)
+  model_dir = fileio.as_path(model_dir)  # local or gs:// (etils.epath)
   if run.compute_dtype:
     model_config = dataclasses.replace(model_config, compute_dtype=run.compute_dtype)
   chief = jax.process_index() == 0
@@ -180,7 +179,7 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def check_resume(saved_steps: list[int], run: RunConfig, model_dir: Path) -> None:
+def check_resume(saved_steps: list[int], run: RunConfig, model_dir) -> None:
   """A checkpoint beyond TRAIN_STEPS belongs to a longer schedule: refuse before anything is written."""
   if saved_steps and max(saved_steps) > run.steps:
     raise ValueError(f"MODEL_DIR={str(model_dir)!r} holds a checkpoint at step {max(saved_steps)}, beyond "
@@ -213,19 +212,19 @@ def check_state_finite(state, step: int) -> None:
                                "Fix: resume from the last good checkpoint with a lower learning rate.")
 
 
-def previous_result(model_dir: Path) -> dict:
+def previous_result(model_dir) -> dict:
   try:
     return json.loads((model_dir / "result.json").read_text())
   except (OSError, ValueError):
     return {}
 
 
-def write_result(model_dir: Path, result: dict) -> None:
+def write_result(model_dir, result: dict) -> None:
   """result.json, atomically; non-finite numbers become null (JSON has no NaN)."""
   fileio.write_json(model_dir / "result.json", fileio.finite_json(result))
 
 
-def save_operative_config(model_dir: Path, text: str, start: int) -> None:
+def save_operative_config(model_dir, text: str, start: int) -> None:
   """config.gin for the first session; a resumed session whose config differs gets config_step<start>.gin."""
   path = model_dir / "config.gin"
   if start and path.exists() and path.read_text() != text:

@@ -6,12 +6,11 @@ Letters: B batch, S sequence.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from engram_jax import sharding
+from engram_jax import fileio, sharding
 from engram_jax.run_config import RunConfig
 
 Batch = dict[str, np.ndarray]
@@ -48,7 +47,7 @@ def resolved_data_dir(run: RunConfig) -> str | None:
   """The corpus directory `run.task` reads (absolute), or None for tasks without a local corpus (C4 on TFDS)."""
   from engram_jax.data import prepare, tasks
   if run.task == tasks.CORPUS_TASK:
-    return str(Path(run.data_dir or prepare.default_data_dir()).absolute())
+    return str(fileio.as_path(run.data_dir or prepare.default_data_dir()))  # absolute, or gs://
   return run.data_dir
 
 

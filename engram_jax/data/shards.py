@@ -98,7 +98,8 @@ def split_files(data_dir: str | os.PathLike, manifest: dict, split: str) -> list
   """Absolute shard paths of `split` ('train' | 'validation') listed in a manifest."""
   if split not in manifest["splits"]:
     raise ValueError(f"split={split!r} not in the corpus manifest; choose one of {sorted(manifest['splits'])}")
-  return [str(Path(data_dir) / s["file"]) for s in manifest["splits"][split]["shards"]]
+  from engram_jax import fileio  # local or gs:// corpus directories
+  return [str(fileio.as_path(data_dir) / s["file"]) for s in manifest["splits"][split]["shards"]]
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary

@@ -177,9 +177,9 @@ DEFAULT_SOURCES = (
 )
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:  # a pathlib or etils.epath path (gs:// corpora)
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from engram_jax import fileio
 from engram_jax.data import packing, prepare
 
 CORPUS_TASK = "engram_corpus_en"
@@ -80,14 +80,14 @@ def _register(name: str, key: tuple, **task_kwargs) -> seqio.Task:
 
 def register_corpus_task(data_dir: str | os.PathLike | None = None, name: str = CORPUS_TASK) -> seqio.Task:
   """Registers the prepared corpus in `data_dir` (built first via `ensure_corpus` if missing) as a seqio Task."""
-  data_dir = Path(data_dir) if data_dir else prepare.default_data_dir()
+  data_dir = fileio.as_path(data_dir or prepare.default_data_dir())  # local (absolute) or gs://
   manifest = prepare.ensure_corpus(data_dir)
   vocab_path = data_dir / manifest["vocab"]["file"]
   files = {split: prepare.split_files(data_dir, manifest, split) for split in manifest["splits"]}
   source = seqio.TextLineDataSource(
     files, num_input_examples={s: manifest["splits"][s]["docs"] for s in manifest["splits"]}
   )
-  key = (str(data_dir.resolve()), manifest["vocab"]["sha256"], tuple(tuple(f) for f in files.values()))
+  key = (str(data_dir), manifest["vocab"]["sha256"], tuple(tuple(f) for f in files.values()))
   task = _register(
     name,
     key,
