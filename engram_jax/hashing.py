@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,14 +46,34 @@ _SP_SPACE = "\u2581"  # SentencePiece's marker for a leading space.
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# White_Space (Unicode property): what the demo's normalizer strips. Python's str.strip() would also strip the
+# information separators U+001C..U+001F, which the demo keeps.
+_WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+                         "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+# The demo protects a lone space with this private-use character (and so also turns any U+E000 into a space).
+_SENTINEL = "\ue000"
+
+
+def _strip_white_space(s: str) -> str:
+  lo, hi = 0, len(s)
+  while lo < hi and s[lo] in _WHITE_SPACE:
+    lo += 1
+  while hi > lo and s[hi - 1] in _WHITE_SPACE:
+    hi -= 1
+  return s[lo:hi]
+
+
 def normalize_text(text: str) -> str:
-  """The demo's normalizer: NFKC, NFD, strip accents, lowercase, collapse whitespace runs, strip (a lone space stays)."""
+  """The demo's normalizer, step for step: NFKC, NFD, drop combining marks (categories Mn, Mc, Me), lowercase each
+  character (no final-sigma rule), collapse [ \t\r\n]+ to one space, keep a lone space, strip White_Space."""
   s = unicodedata.normalize("NFKC", text)
   s = unicodedata.normalize("NFD", s)
-  s = "".join(c for c in s if unicodedata.category(c) != "Mn")
-  s = s.lower()
+  s = "".join(c for c in s if not unicodedata.category(c).startswith("M"))
+  s = "".join(c.lower() for c in s)  # per character: 'ΟΣ' -> 'οσ' (str.lower() would give 'ος')
   s = _SPACE_RUN.sub(" ", s)
-  return " " if s == " " else s.strip()
+  if s == " ":
+    s = _SENTINEL
+  return _strip_white_space(s).replace(_SENTINEL, " ")
 
 
 def decode_piece(piece: str) -> str:
@@ -65,20 +85,33 @@ def decode_piece(piece: str) -> str:
   return piece.replace(_SP_SPACE, " ")
 
 
-def compression_key(piece: str) -> str:
-  """The key two pieces must share to be merged (demo rule: U+FFFD keeps the raw piece; an empty normal form
-  keeps the decoded text)."""
-  text = decode_piece(piece)
+def compression_key_from_text(text: str, piece: str) -> str:
+  """The key two ids must share to be merged (demo rule): `text` is the id's single-id decode, `piece` its raw
+  token string. Text containing U+FFFD (a partial UTF-8 character) keeps the raw piece; an empty normal form
+  keeps the decoded text."""
   if "\ufffd" in text:
     return piece
   norm = normalize_text(text)
   return norm if norm else text
 
 
-def build_compression(pieces: Sequence[str]) -> np.ndarray:
+def compression_key(piece: str) -> str:
+  """The key of a piece string on the piece path (its text read by `decode_piece`)."""
+  return compression_key_from_text(decode_piece(piece), piece)
+
+
+def build_compression(pieces: Sequence[str], decode: Callable[[int], str] | None = None) -> np.ndarray:
   """Surjective map raw id -> compressed id (np.int32 [V]); compressed ids are numbered by first appearance.
 
-  `pieces` is the vocabulary as its list of piece strings (e.g. `[sp.id_to_piece(i) for i in range(sp.vocab_size())]`).
+  Two paths to each id's text:
+    * piece path (`decode=None`): the text is read off the piece string (`decode_piece`: SentencePiece's
+      '\u2581' is a space, '<0xNN>' is a byte). Needs only the piece list.
+    * decode path (`decode` given): the text is `decode(i)`, the tokenizer's decode of the id alone with special
+      tokens kept -- exactly how the official demo builds its map; `pieces[i]` is the raw token string, used as the
+      key when the text holds U+FFFD. See `engram_jax.vocab` for SentencePiece and HF `tokenizers` adapters.
+  The two paths differ where a tokenizer's decode differs from its piece string: for SentencePiece the bare
+  '\u2581' piece and the control pieces (pad, eos) decode to '' (one merged id), and unk decodes to ' \u2047 '. One
+  id more or less changes V', hence every multiplier of the 64-bit hash: use the path the table was trained with.
   The reduction ratio is logged and available from `reduction_ratio(map)`.
   """
   if len(pieces) == 0:
@@ -86,9 +119,10 @@ def build_compression(pieces: Sequence[str]) -> np.ndarray:
   key_to_new: dict[str, int] = {}
   out = np.empty(len(pieces), np.int32)
   for i, piece in enumerate(pieces):
-    out[i] = key_to_new.setdefault(compression_key(piece), len(key_to_new))
-  logging.info("tokenizer compression: %d -> %d ids (%.1f%% reduction)", len(pieces), len(key_to_new),
-               100 * reduction_ratio(out))
+    key = compression_key(piece) if decode is None else compression_key_from_text(decode(i), piece)
+    out[i] = key_to_new.setdefault(key, len(key_to_new))
+  logging.info("tokenizer compression (%s path): %d -> %d ids (%.1f%% reduction)",
+               "piece" if decode is None else "decode", len(pieces), len(key_to_new), 100 * reduction_ratio(out))
   return out
 
 

@@ -102,27 +102,31 @@ def rmsnorm(x, scale, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def engram_forward(h, rows, segment_ids, table, w_v, w_k, gate_h, gate_k, conv_norm, conv_w, dilation, eps):
+def engram_forward(h, rows, segment_ids, table, w_v, w_k, gate_h, gate_k, conv_norm, conv_w, dilation, eps,
+                   b_v=None, b_k=None, gate_eps=None, conv_eps=None):
   """Engram residual update in float64.
 
   h [B, S, G, D]; rows [B, S, H] flat table rows (offsets added); table [V, d]; w_v [E, D]; w_k [G, E, D];
   gate_h, gate_k, conv_norm [G, D]; conv_w [J, G, D] with conv_w[j] multiplying the input j*dilation back.
+  Optional (the demo's layer): biases b_v [D], b_k [G, D]; gate / conv norm epsilons (default eps).
   """
+  gate_eps = eps if gate_eps is None else gate_eps
+  conv_eps = eps if conv_eps is None else conv_eps
   h = np.asarray(h, np.float64)
   b, s, g, d_model = h.shape
   seg = np.zeros((b, s), int) if segment_ids is None else np.asarray(segment_ids)
   e = np.asarray(table, np.float64)[rows].reshape(b, s, -1)  # [B, S, E]  (retrieval, concatenated heads)
-  v = e @ w_v  # [B, S, D]
+  v = e @ w_v + (0 if b_v is None else b_v)  # [B, S, D]
   vt = np.zeros((b, s, g, d_model))
   for gi in range(g):
-    k = e @ w_k[gi]  # [B, S, D]
-    dot = np.sum(rmsnorm(h[:, :, gi], gate_h[gi], eps) * rmsnorm(k, gate_k[gi], eps), -1) / np.sqrt(d_model)
+    k = e @ w_k[gi] + (0 if b_k is None else b_k[gi])  # [B, S, D]
+    dot = np.sum(rmsnorm(h[:, :, gi], gate_h[gi], gate_eps) * rmsnorm(k, gate_k[gi], gate_eps), -1) / np.sqrt(d_model)
     dot = np.sign(dot) * np.sqrt(np.maximum(np.abs(dot), 1e-6))
     alpha = 1 / (1 + np.exp(-dot))  # [B, S]
     vt[:, :, gi] = alpha[..., None] * v
   y = vt.copy()
   for gi in range(g):
-    xn = rmsnorm(vt[:, :, gi], conv_norm[gi], eps)  # [B, S, D]
+    xn = rmsnorm(vt[:, :, gi], conv_norm[gi], conv_eps)  # [B, S, D]
     for bi in range(b):
       for t in range(s):
         acc = np.zeros(d_model)

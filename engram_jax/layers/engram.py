@@ -25,7 +25,7 @@ width, V table rows, C all_to_all capacity, J conv taps, P conv state length ((J
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -235,6 +235,60 @@ def short_conv(x: jax.Array, weight: jax.Array, norm_scale: jax.Array, dilation:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The functional core: one place for the equations, called by the NNX module and the Linen module
+# ----------------------------------------------------------------------------------------------------------------
+
+# Parameter names of one layer (the NNX attributes, the Linen params and the converters' JAX side use these).
+# The core below reads all but the table (retrieval happens before it); biases exist with EngramConfig.projection_bias.
+PARAM_NAMES = ("table", "value_proj", "key_proj", "gate_norm_h", "gate_norm_k", "conv_norm", "conv_weight")
+BIAS_NAMES = ("value_bias", "key_bias")
+
+
+def param_names(config: EngramConfig) -> tuple[str, ...]:
+  """Every parameter of a layer with this config."""
+  return PARAM_NAMES + (BIAS_NAMES if config.projection_bias else ())
+
+
+def gate_and_value(params: Mapping[str, jax.Array], h: jax.Array, e: jax.Array, eps: float
+                   ) -> tuple[jax.Array, jax.Array]:
+  """k^g = W_K^g e (+ b_K^g), v = W_V e (+ b_V), alpha^g = context gate (norm epsilon `eps`).
+  h [B, S, G, D], e [B, S, E] -> (alpha [B, S, G] f32, v [B, S, D])."""
+  dt = h.dtype
+  e = e.astype(dt)  # [B, S, E]
+  v = jnp.einsum("bse,ed->bsd", e, params["value_proj"].astype(dt))  # [B, S, D]
+  k = jnp.einsum("bse,ged->bsgd", e, params["key_proj"].astype(dt))  # [B, S, G, D]
+  if params.get("value_bias") is not None:
+    v = v + params["value_bias"].astype(dt)  # [D]
+    k = k + params["key_bias"].astype(dt)  # [G, D]
+  alpha = context_gate(h, k, params["gate_norm_h"], params["gate_norm_k"], eps)  # [B, S, G]
+  return alpha, v
+
+
+def engram_update(params: Mapping[str, jax.Array], h: jax.Array, e: jax.Array, *, dilation: int, gate_eps: float,
+                  conv_eps: float, segment_ids: jax.Array | None = None, conv_state: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The residual update from retrieved memory: gate, value, short conv.
+
+  h [B, S, G, D]; e [B, S, E] (retrieved rows, concatenated); segment_ids [B, S] or None; conv_state [B, P, G, D]
+  (decode) or None -> (Y [B, S, G, D] in h.dtype, alpha [B, S, G] f32, new conv state [B, P, G, D]).
+  """
+  dt = h.dtype
+  alpha, v = gate_and_value(params, h, e, gate_eps)  # [B, S, G], [B, S, D]
+  vt = alpha.astype(dt)[..., None] * v[:, :, None, :]  # [B, S, G, D]
+  conv, new_state = short_conv(vt, params["conv_weight"], params["conv_norm"], dilation, segment_ids, conv_state,
+                               conv_eps)
+  return (vt + conv).astype(dt), alpha, new_state
+
+
+def mean_gate(alpha: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Mean gate per branch over the real tokens (segment id > 0 when given): alpha [B, S, G] -> [G] f32."""
+  if segment_ids is None:
+    return jnp.mean(alpha, axis=(0, 1))
+  valid = (segment_ids > 0).astype(jnp.float32)[..., None]  # [B, S, 1]
+  return jnp.sum(alpha * valid, axis=(0, 1)) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The module
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -290,13 +344,15 @@ class Engram(nnx.Module):
     multiple = math.lcm(config.table_row_multiple, table_row_shards(mesh, rules))
     self.num_rows = _padded_rows(hash_spec.total_rows, multiple)  # rows past total_rows are never read
 
-    # Initialisation, all in one place: table ~ N(0, std^2); projections ~ N(0, 1/E) (lecun normal);
-    # norm scales 1; conv weights 0 (the conv branch starts as identity: Y = v~).
+    # Initialisation, all in one place: table ~ N(0, std^2) (padding rows past total_rows, never read, 0);
+    # projections ~ N(0, 1/E) (lecun normal), biases 0; norm scales 1; conv weights 0 (the conv branch starts as
+    # identity: Y = v~).
     k_table, k_val, k_key = rngs.params(), rngs.params(), rngs.params()
     f32 = jnp.float32  # params stay float32 even with jax x64 on (hash_bits=64)
     self.compression = EngramCompression(jnp.asarray(compression))
-    table = sharding.param(config.table_init_std * jax.random.normal(k_table, (self.num_rows, config.head_dim), f32),
-                           "table_rows", "table_dim")
+    rows = config.table_init_std * jax.random.normal(k_table, (self.num_rows, config.head_dim), f32)
+    rows = jnp.where(jnp.arange(self.num_rows)[:, None] < hash_spec.total_rows, rows, 0.0)  # [V, d]
+    table = sharding.param(rows, "table_rows", "table_dim")
     self.table = EngramTable(table.get_value(), **table.get_metadata())
     self.value_proj = sharding.param(jax.random.normal(k_val, (e, d_model), f32) / math.sqrt(e), None, "embed")
     self.key_proj = sharding.param(jax.random.normal(k_key, (g, e, d_model), f32) / math.sqrt(e),
@@ -305,6 +361,9 @@ class Engram(nnx.Module):
     self.gate_norm_k = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
     self.conv_norm = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
     self.conv_weight = sharding.param(jnp.zeros((config.kernel_size, g, d_model), f32), None, "branches", "embed")
+    if config.projection_bias:
+      self.value_bias = sharding.param(jnp.zeros((d_model,), f32), "embed")
+      self.key_bias = sharding.param(jnp.zeros((g, d_model), f32), "branches", "embed")
     self.last_gate = nnx.Intermediate(jnp.zeros((g,), jnp.float32))  # mean gate per branch of the last call
     self.last_dropped = nnx.Intermediate(jnp.zeros((), jnp.int32))  # ids dropped by the all_to_all lookup
 
@@ -376,28 +435,20 @@ class Engram(nnx.Module):
       self._check_hash_ids(hash_ids, token_ids)
     return self.retrieve(hash_ids)
 
+  def core_weights(self) -> dict[str, jax.Array]:
+    """The parameters the functional core reads (all but the table), as plain arrays keyed by name."""
+    return {name: getattr(self, name)[...] for name in param_names(self.config) if name != "table"}
+
   def _gate_and_value(self, h: jax.Array, e: jax.Array) -> tuple[jax.Array, jax.Array]:
-    dt = h.dtype
-    e = e.astype(dt)  # [B, S, E]
-    v = jnp.einsum("bse,ed->bsd", e, self.value_proj[...].astype(dt))  # [B, S, D]
-    k = jnp.einsum("bse,ged->bsgd", e, self.key_proj[...].astype(dt))  # [B, S, G, D]
-    alpha = context_gate(h, k, self.gate_norm_h[...], self.gate_norm_k[...], self.config.norm_eps)  # [B, S, G]
-    return alpha, v
+    return gate_and_value(self.core_weights(), h, e, self.config.gate_eps)
 
   def _apply(self, h: jax.Array, e: jax.Array, segment_ids: jax.Array | None,
              conv_state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    dt = h.dtype
-    eps = self.config.norm_eps
-    alpha, v = self._gate_and_value(h, e)  # [B, S, G], [B, S, D]
-    if segment_ids is None:
-      self.last_gate.set_value(jnp.mean(alpha, axis=(0, 1)))
-    else:
-      valid = (segment_ids > 0).astype(jnp.float32)[..., None]  # [B, S, 1]
-      self.last_gate.set_value(jnp.sum(alpha * valid, axis=(0, 1)) / jnp.maximum(jnp.sum(valid), 1.0))
-    vt = alpha.astype(dt)[..., None] * v[:, :, None, :]  # [B, S, G, D]
-    conv, new_state = short_conv(vt, self.conv_weight[...], self.conv_norm[...], self.dilation, segment_ids,
-                                 conv_state, eps)
-    return (vt + conv).astype(dt), new_state
+    y, alpha, new_state = engram_update(self.core_weights(), h, e, dilation=self.dilation,
+                                        gate_eps=self.config.gate_eps, conv_eps=self.config.conv_eps,
+                                        segment_ids=segment_ids, conv_state=conv_state)
+    self.last_gate.set_value(mean_gate(alpha, segment_ids))
+    return y, new_state
 
   # -- public API ------------------------------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from engram_jax.config_checks import check_types
 
 LOOKUPS = ("take", "shard_map", "all_to_all")
@@ -31,7 +33,10 @@ class EngramConfig:
   memory_dim: int | None = None  # Optional check: total retrieved width (N - 1) * K * head_dim (paper: 1280 = 16 x 80).
   pad_id: int = 0  # RAW vocabulary id whose compressed id fills positions before a sequence / document start.
   table_row_multiple: int = 1024  # Flat table rows are padded up to a multiple of this (and of the mesh's row shards).
-  norm_eps: float = 1e-6  # RMSNorm epsilon of the gate and conv norms.
+  norm_eps: float = 1e-6  # RMSNorm epsilon of the gate and conv norms (unless the two fields below override it).
+  projection_bias: bool = False  # W_V and every W_K^g carry a bias (the demo's nn.Linear does); off: bias-free.
+  gate_norm_eps: float | None = None  # Epsilon of the two gate norms; None: norm_eps (demo: float32 machine eps).
+  conv_norm_eps: float | None = None  # Epsilon of the conv norms; None: norm_eps (demo: 1e-5).
 
   def __post_init__(self):
     check_types(self)  # a wrong type fails here, naming the field, not inside a comparison below
@@ -70,6 +75,10 @@ class EngramConfig:
       bad("pad_id", "must be a raw vocabulary id >= 0")
     if self.table_row_multiple < 1:
       bad("table_row_multiple", "must be >= 1")
+    for field in ("norm_eps", "gate_norm_eps", "conv_norm_eps"):
+      value = getattr(self, field)
+      if value is not None and not value > 0:
+        bad(field, "must be > 0 (None for the two per-norm fields means: use norm_eps)")
 
   @property
   def num_heads(self) -> int:
@@ -77,6 +86,23 @@ class EngramConfig:
     return (self.max_ngram - 1) * self.heads_per_order
 
   @property
+  def gate_eps(self) -> float:
+    """Epsilon of RMSNorm(h) and RMSNorm(k) in the gate."""
+    return self.norm_eps if self.gate_norm_eps is None else self.gate_norm_eps
+
+  @property
+  def conv_eps(self) -> float:
+    """Epsilon of the short conv's RMSNorm."""
+    return self.norm_eps if self.conv_norm_eps is None else self.conv_norm_eps
+
+  @property
   def memory_width(self) -> int:
     """Width of the concatenated retrieved vector e_t."""
     return self.num_heads * self.head_dim
+
+
+# The official demo's layer options: nn.Linear biases on W_V and W_K, torch RMSNorm's default epsilon (float32
+# machine epsilon for float32 activations) in the gate norms, 1e-5 in the conv norms, and its int64 hash.
+# Use as dataclasses.replace(config, **DEMO_LAYER_OPTIONS).
+DEMO_LAYER_OPTIONS = {"projection_bias": True, "gate_norm_eps": float(np.finfo(np.float32).eps),
+                      "conv_norm_eps": 1e-5, "hash_bits": 64}
