@@ -385,7 +385,7 @@ class Engram(nnx.Module):
     return alpha, v
 
   def _apply(self, h: jax.Array, e: jax.Array, segment_ids: jax.Array | None,
-             conv_state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+             conv_state: jax.Array | None, token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     dt = h.dtype
     eps = self.config.norm_eps
     alpha, v = self._gate_and_value(h, e)  # [B, S, G], [B, S, D]
@@ -395,6 +395,8 @@ class Engram(nnx.Module):
       valid = (segment_ids > 0).astype(jnp.float32)[..., None]  # [B, S, 1]
       self.last_gate.set_value(jnp.sum(alpha * valid, axis=(0, 1)) / jnp.maximum(jnp.sum(valid), 1.0))
     vt = alpha.astype(dt)[..., None] * v[:, :, None, :]  # [B, S, G, D]
+    if token_mask is not None:  # masked tokens feed the conv zeros (RMSNorm(0) = 0), as before a sequence start
+      vt = jnp.where(token_mask[:, :, None, None], vt, jnp.zeros((), dt))
     conv, new_state = short_conv(vt, self.conv_weight[...], self.conv_norm[...], self.dilation, segment_ids,
                                  conv_state, eps)
     return (vt + conv).astype(dt), new_state
@@ -423,17 +425,22 @@ class Engram(nnx.Module):
                              conv=jnp.zeros((batch_size, self.conv_state_len, g, self.d_model), dtype))
 
   def decode_step(self, h: jax.Array, token_ids: jax.Array, cache: EngramDecodeCache, *,
-                  hash_ids: jax.Array | None = None, rows: jax.Array | None = None
-                  ) -> tuple[jax.Array, EngramDecodeCache]:
+                  hash_ids: jax.Array | None = None, rows: jax.Array | None = None,
+                  token_mask: jax.Array | None = None) -> tuple[jax.Array, EngramDecodeCache]:
     """h [B, T, G, D], token_ids [B, T] (T = 1 per step; T > 1 prefills a chunk) -> (Y [B, T, G, D], new cache).
     Feeding a sequence chunk by chunk gives the full pass's output. hash_ids [B, T, H] (optional): rows hashed on
-    the host (e.g. to prefetch them) with the same history; rows [B, T, H, d] (optional): those rows gathered."""
+    the host (e.g. to prefetch them) with the same history; rows [B, T, H, d] (optional): those rows gathered.
+    token_mask [B, T] (optional, bool): False marks padding (e.g. left padding of a ragged batch); a padding token
+    counts as the pad id in the n-gram history and feeds the conv zeros, so padding before a sequence leaves the
+    state of a fresh cache and the padded row decodes exactly like the unpadded one."""
     self._check_h(h, token_ids)
     cids = self.compress(token_ids)  # [B, T]
+    if token_mask is not None:
+      cids = jnp.where(token_mask, cids, jnp.asarray(self.spec.pad_id, cids.dtype))
     if rows is None and hash_ids is None:
       hash_ids = hashing.hash_ngrams_jnp(cids, None, self.spec, history=cache.ids)  # [B, T, H]
     e = self._embeddings(h, token_ids, None, hash_ids, rows)  # [B, T, E]
-    y, conv = self._apply(h, e, None, cache.conv)
+    y, conv = self._apply(h, e, None, cache.conv, token_mask)
     ids = jnp.concatenate([cache.ids, cids], axis=1)[:, -(self.config.max_ngram - 1):]  # [B, N-1]
     return y, EngramDecodeCache(ids=ids, conv=conv.astype(cache.conv.dtype))
 

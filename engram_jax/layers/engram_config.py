@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 LOOKUPS = ("take", "shard_map", "all_to_all")
+TABLE_PLACEMENTS = ("device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class EngramConfig:
   pad_id: int = 0  # RAW vocabulary id whose compressed id fills positions before a sequence / document start.
   table_row_multiple: int = 1024  # Flat table rows are padded up to a multiple of this (and of the mesh's row shards).
   norm_eps: float = 1e-6  # RMSNorm epsilon of the gate and conv norms.
+  # Where decoding keeps the table: 'device' (a parameter, read in-graph) or 'host' (numpy in host memory; rows are
+  # hashed and gathered on the host and sent with each step, see engram_jax.host_table). Does not change the math.
+  table_placement: str = "device"
 
   def __post_init__(self):
     def bad(field, why):
@@ -64,6 +68,8 @@ class EngramConfig:
           "change head_dim or leave memory_dim None")
     if self.pad_id < 0:
       bad("pad_id", "must be a raw vocabulary id >= 0")
+    if self.table_placement not in TABLE_PLACEMENTS:
+      bad("table_placement", f"must be one of {TABLE_PLACEMENTS}")
     if self.table_row_multiple < 1:
       bad("table_row_multiple", "must be >= 1")
 
