@@ -99,7 +99,7 @@ class Request:
 class Completion:
   """What a request produced."""
 
-  tokens: list[int]  # Generated ids (EOS excluded; cut at a stop string's token).
+  tokens: list[int]  # Generated ids; a drawn EOS is the last one (not in `text`); ends at a stop string's token.
   logprobs: list[float]  # log p(token) under the model (temperature 1), one per generated token.
   top_logprobs: list[list[tuple[int, float]]]  # K most likely (id, log p) at each generated position.
   finish_reason: str  # 'stop' (EOS or a stop string) or 'length' (max_new_tokens reached).
@@ -370,10 +370,10 @@ class Engine:
       raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
     if request.max_new_tokens < 0:
       raise ValueError(f"max_new_tokens={request.max_new_tokens} must be >= 0")
-    need = self.padded_len(prompt.size) + request.max_new_tokens
-    if need > self.config.max_len:
-      raise ValueError(f"prompt + max_new_tokens: {prompt.size} prompt tokens (padded to {self.padded_len(prompt.size)})"
-                       f" + {request.max_new_tokens} new tokens exceed the context of {self.config.max_len} tokens")
+    padded = self.padded_len(prompt.size)
+    if padded + request.max_new_tokens > self.config.max_len:
+      raise ValueError(f"prompt + max_new_tokens: {prompt.size} prompt tokens (padded to {padded}) + "
+                       f"{request.max_new_tokens} new tokens exceed the context of {self.config.max_len} tokens")
     if request.stop and self.tokenizer is None:
       raise ValueError("stop: stop strings need a tokenizer (Engine(..., tokenizer=...))")
 
@@ -465,12 +465,12 @@ class Engine:
         if row["finish"] is not None:
           continue
         tok = int(out["token"][i])
-        if c.eos_id is not None and tok == c.eos_id:
-          row["finish"] = "stop"
-          continue
         row["tokens"].append(tok)
         row["logprobs"].append(float(out["logprob"][i]))
         row["top"].append(list(zip(out["top_ids"][i].tolist(), out["top_logprobs"][i].tolist())))
+        if c.eos_id is not None and tok == c.eos_id:
+          row["finish"] = "stop"
+          continue
         delta, stopped = texts[i].push(tok) if texts[i] is not None else ("", False)
         if on_token is not None and (delta or texts[i] is None):
           on_token(i, tok, delta)
