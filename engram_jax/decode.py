@@ -197,8 +197,11 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> dict[str, ja
 
 
 class _RowText:
-  """A row's continuation text, decoded with a few prompt tokens of context (so a leading space survives);
-  a trailing incomplete character (U+FFFD) is held back until the next token completes it."""
+  """A row's continuation text, decoded with a few prompt tokens of context (so a leading space survives).
+
+  Streaming holds back a trailing incomplete character (U+FFFD) and any tail that could begin a stop string, so no
+  emitted text is ever taken back; `flush` releases the rest when the row ends.
+  """
 
   CONTEXT = 8
 
@@ -208,25 +211,33 @@ class _RowText:
     self.prefix = tokenizer.decode(self.context)
     self.stop = tuple(stop)
     self.ids: list[int] = []
-    self.text = ""  # emitted so far
+    self.full = ""  # the continuation so far (cut before a stop string)
+    self.text = ""  # emitted so far (a prefix of full)
 
   def push(self, token: int) -> tuple[str, bool]:
     """Adds a token; returns (newly emitted text, hit a stop string)."""
     self.ids.append(int(token))
     full = self.tok.decode(self.context + self.ids)
     full = full[len(self.prefix):] if full.startswith(self.prefix) else self.tok.decode(self.ids)
-    hit = None
-    for s in self.stop:
-      j = full.find(s, max(0, len(self.text) - len(s)))
-      if j >= 0 and (hit is None or j < hit):
-        hit = j
-    if hit is not None:
-      full = full[:hit]
-    elif full.endswith("\ufffd"):
-      full = full.rstrip("\ufffd")
-    delta = full[len(self.text):] if full.startswith(self.text) else ""
-    self.text = full if full.startswith(self.text) else self.text
-    return delta, hit is not None
+    hits = [j for j in (full.find(s) for s in self.stop) if j >= 0]
+    if hits:
+      self.full = full[:min(hits)]
+      return self.flush(), True
+    self.full = full
+    safe = full.rstrip("\ufffd")
+    hold = max([k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])], default=0)
+    safe = safe[:len(safe) - hold]
+    return self._emit(safe), False
+
+  def flush(self) -> str:
+    """Emits everything not yet emitted (the row has ended)."""
+    return self._emit(self.full)
+
+  def _emit(self, upto: str) -> str:
+    if not upto.startswith(self.text) or len(upto) <= len(self.text):
+      return ""
+    delta, self.text = upto[len(self.text):], upto
+    return delta
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,14 +481,17 @@ class Engine:
         row["top"].append(list(zip(out["top_ids"][i].tolist(), out["top_logprobs"][i].tolist())))
         if c.eos_id is not None and tok == c.eos_id:
           row["finish"] = "stop"
+          if texts[i] is not None and on_token is not None and (delta := texts[i].flush()):
+            on_token(i, tok, delta)
           continue
         delta, stopped = texts[i].push(tok) if texts[i] is not None else ("", False)
-        if on_token is not None and (delta or texts[i] is None):
-          on_token(i, tok, delta)
         if stopped:
           row["finish"] = "stop"
         elif len(row["tokens"]) >= r.max_new_tokens:
           row["finish"] = "length"
+          delta += texts[i].flush() if texts[i] is not None else ""
+        if on_token is not None and (delta or texts[i] is None):
+          on_token(i, tok, delta)
       return all(row["finish"] is not None for row in rows_out)
 
     max_new = max(r.max_new_tokens for r in reqs)
@@ -502,7 +516,7 @@ class Engine:
       row = rows_out[i]
       res = Completion(tokens=row["tokens"], logprobs=row["logprobs"], top_logprobs=row["top"],
                        finish_reason=row["finish"] or "length",
-                       text=texts[i].text if texts[i] is not None else None)
+                       text=texts[i].full if texts[i] is not None else None)
       self.stats["generated_tokens"] += len(row["tokens"])
       if r.prompt_logprobs:
         lp = np.concatenate([o["logprob"][i] for o in prompt_np])  # [P]: log p(token j+1 | <= j)

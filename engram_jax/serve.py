@@ -93,6 +93,8 @@ class Batcher:
     self.engine, self.wait_s, self.max_pending = engine, wait_s, max_pending
     self.queue: queue.Queue[_Job] = queue.Queue()
     self.pending = 0
+    self.batches = 0  # engine calls so far
+    self.prompts = 0  # prompts generated so far
     self.lock = threading.Lock()
     self.thread = threading.Thread(target=self._loop, name="engram-batcher", daemon=True)
     self.thread.start()
@@ -144,6 +146,8 @@ class Batcher:
     finally:
       with self.lock:
         self.pending -= len(requests)
+        self.batches += 1
+        self.prompts += len(requests)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,7 +366,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig = Serve
 
   @app.get("/health")
   async def health():
-    return {"status": "ok"}
+    return {"status": "ok", "batches": batcher.batches, "prompts": batcher.prompts, "pending": batcher.pending}
 
   @app.get("/v1/models")
   async def models():
