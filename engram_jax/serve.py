@@ -1,6 +1,8 @@
 """OpenAI-compatible completions server over a decode.Engine (FastAPI + uvicorn).
 
     python -m engram_jax.serve --gin.CHECKPOINT_PATH=DIR [--port 8000] [--host 127.0.0.1]
+    (API key: set ENGRAM_API_KEY in the environment, or --gin.ServeConfig.api_key; engine and server settings as
+    in configs/runs/generate.gin, e.g. --gin.DecodeConfig.batch_size=16 --gin.DecodeConfig.table_placement="'host'")
 
 Endpoints (every one checks `Authorization: Bearer <key>` when an API key is set):
   POST /v1/completions   prompt (text, token ids, or a list of either), max_tokens, temperature, top_p, top_k, seed,
@@ -456,3 +458,29 @@ def run(engine: Engine, tokenizer: Tokenizer, config: ServeConfig = ServeConfig(
         f"API key {'required' if config.api_key else 'off'})", flush=True)
   uvicorn.run(app, host=config.host, port=config.port, log_level="info", limit_concurrency=config.max_connections,
               timeout_keep_alive=5)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  import argparse
+  import os
+  import sys
+
+  from engram_jax import generate  # the entry points' gin configurables and the engine loader
+
+  (checkpoint_path, decode_config, context, mesh, row_counts, server), rest = generate.resolve(
+      sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--host", default=server.host, help="interface to bind (default loopback only)")
+  p.add_argument("--port", type=int, default=server.port)
+  p.add_argument("--model_name", default=None, help="name reported by /v1/models (default: the run directory's)")
+  args = p.parse_args(rest)
+  key = server.api_key or os.environ.get("ENGRAM_API_KEY") or None
+  logging.basicConfig(level=logging.INFO)
+  engine, tokenizer, record = generate.load_engine(checkpoint_path, decode_config, context, mesh, row_counts)
+  name = args.model_name or os.path.basename(os.path.normpath(str(record.model_dir)))
+  run(engine, tokenizer, dataclasses.replace(server, host=args.host, port=args.port, api_key=key, model_name=name))
+
+
+if __name__ == "__main__":  # run the importable module's main, so gin sees a single copy of the configurables
+  from engram_jax import serve as _entry
+  _entry.main()

@@ -194,7 +194,11 @@ def test_eos_and_stop_strings(engines, greedy):
   ref = greedy[1]
   eos = ref.tokens[3]
   first = ref.tokens.index(eos)
-  out = Engine(eng.model, dataclasses.replace(DCFG, eos_id=eos)).generate([Request(PROMPTS[1], NEW)])[0]
+  eng.config = dataclasses.replace(DCFG, eos_id=eos)  # EOS is host-side bookkeeping: same compiled steps
+  try:
+    out = eng.generate([Request(PROMPTS[1], NEW)])[0]
+  finally:
+    eng.config = DCFG
   assert out.tokens == ref.tokens[:first + 1] and out.finish_reason == "stop"  # EOS ends the tokens, not the text
   stop = ref.text[2:4]
   out = eng.generate([Request(PROMPTS[1], NEW, stop=(stop,))])[0]
