@@ -163,6 +163,13 @@ class RowState(NamedTuple):
   top_p: jax.Array  # float32
 
 
+def mask_vocab(logits: jax.Array, valid: int | None) -> jax.Array:
+  """-inf at ids >= valid (a model vocabulary larger than its tokenizer's: ids no text stands for)."""
+  if valid is None or valid >= logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < valid, logits, -jnp.inf)
+
+
 def sample_tokens(logits: jax.Array, state: RowState) -> jax.Array:
   """logits [B, V] float32 -> token ids [B]: argmax where temperature == 0, else a draw from softmax(logits / T)
   restricted to the top_k most likely tokens, then to the top_p nucleus (renormalised after top-k), with the key
@@ -183,11 +190,12 @@ def sample_tokens(logits: jax.Array, state: RowState) -> jax.Array:
   return jnp.where(state.temperature > 0, drawn, greedy)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> dict[str, jax.Array]:
-  """logits [..., V], tokens [...] -> {'logprob' [...], 'top_ids' [..., K], 'top_logprobs' [..., K]} (float32)."""
+def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int, valid: int | None = None) -> dict[str, jax.Array]:
+  """logits [..., V], tokens [...] -> {'logprob' [...], 'top_ids' [..., K], 'top_logprobs' [..., K]} (float32):
+  the model's log-probabilities; alternatives only among ids < valid (None: all)."""
   lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   lp = jnp.take_along_axis(lsm, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  top_lp, top_ids = jax.lax.top_k(lsm, k)
+  top_lp, top_ids = jax.lax.top_k(mask_vocab(lsm, valid), k)
   return {"logprob": lp, "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_lp}
 
 
@@ -280,7 +288,8 @@ class Engine:
   """Compiled prefill and decode steps for one model and DecodeConfig; `generate(requests)` runs them.
 
   model: a Decoder (on `mesh` if given: batch rows over the data axes, tables as the model's sharding has them).
-  tokenizer: needed for stop strings and `Completion.text`. row_counts: {layer: counts [V]} for the hot-row cache.
+  tokenizer: needed for stop strings and `Completion.text`; ids past its vocabulary are never sampled.
+  row_counts: {layer: counts [V]} for the hot-row cache.
   """
 
   def __init__(self, model, config: DecodeConfig = DecodeConfig(), *, mesh: Mesh | None = None,
@@ -290,6 +299,8 @@ class Engine:
     c = config
     self.num_layers = len(model.blocks)
     self.vocab_size = model.config.vocab_size
+    # Ids a tokenizer can turn into text; a model vocabulary may be larger (padded): those ids are never sampled.
+    self.sample_vocab = self.vocab_size if tokenizer is None else min(self.vocab_size, tokenizer.vocab_size)
     if c.top_logprobs > self.vocab_size:
       raise ValueError(f"DecodeConfig.top_logprobs={c.top_logprobs} exceeds the vocabulary ({self.vocab_size})")
     if c.eos_id is not None and not 0 <= c.eos_id < self.vocab_size:
@@ -336,10 +347,11 @@ class Engine:
     last position (the row's first new token when this is the prompt's last chunk)."""
     model = self._merge(params)
     logits, cache = model.decode_step(tokens, cache, positions=positions, engram_rows=rows, segment_ids=segment_ids)
-    prompt = token_logprobs(logits, next_tokens, self.config.top_logprobs)  # [B, C], [B, C, K]
+    k, n = self.config.top_logprobs, self.sample_vocab
+    prompt = token_logprobs(logits, next_tokens, k, n)  # [B, C], [B, C, K]
     last = logits[:, -1]  # [B, V]
-    token = sample_tokens(last, state)
-    return cache, prompt, {"token": token, **token_logprobs(last, token, self.config.top_logprobs)}
+    token = sample_tokens(mask_vocab(last, n), state)
+    return cache, prompt, {"token": token, **token_logprobs(last, token, k, n)}
 
   def _decode_fn(self, params, cache, state, h, rows, *, start, stop):
     """Blocks [start, stop) of one decode step for state.token; the last part samples and advances the state."""
@@ -349,9 +361,10 @@ class Engine:
     if stop < self.num_layers:
       return cache, out
     last = out[:, 0]  # [B, V]
-    token = sample_tokens(last, state)
+    k, n = self.config.top_logprobs, self.sample_vocab
+    token = sample_tokens(mask_vocab(last, n), state)
     new_state = state._replace(token=token, pos=state.pos + 1, step=state.step + 1)
-    return cache, new_state, {"token": token, **token_logprobs(last, token, self.config.top_logprobs)}
+    return cache, new_state, {"token": token, **token_logprobs(last, token, k, n)}
 
   def _sharding(self, ndim: int):
     return None if self.mesh is None else sharding.batch_sharding(self.mesh, ndim)
