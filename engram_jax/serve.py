@@ -34,6 +34,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from starlette.requests import Request as HttpRequest  # module level: FastAPI resolves annotations by name
+
 from engram_jax.decode import Completion, Engine, Request, SamplingParams, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -347,7 +349,7 @@ async def _send_json(send, status: int, payload: dict):
 
 def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig = ServeConfig()):
   """The ASGI app (FastAPI behind the Guard middleware); starts the batching worker."""
-  from fastapi import FastAPI, Request as HttpRequest
+  from fastapi import FastAPI
   from fastapi.responses import JSONResponse, StreamingResponse
 
   if engine.tokenizer is None:
