@@ -96,7 +96,7 @@ class Block(nnx.Module):
     else:
       self.ffn = SwiGLU(c.d_model, c.dense_hidden, compute_dtype=dt, rngs=rngs)
 
-  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids, rows):
+  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids=None, rows=None):
     if self.engram is not None:
       h = h + self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids, rows=rows).astype(h.dtype)
     x, ctx = self.attn_hc.read(h)  # [B, S, D]
@@ -112,7 +112,8 @@ class Block(nnx.Module):
       y = self.ffn(self.ffn_norm(x))
     return self.ffn_hc.write(ctx, y), metrics  # [B, S, G, D]
 
-  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids, rows, segment_ids=None):
+  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids=None, rows=None,
+             segment_ids=None):
     """Incremental form of __call__ (one document per row; segment_ids 0 = padding): (h', kv cache', engram cache')."""
     mask = None if segment_ids is None else segment_ids != 0  # [B, T]
     if self.engram is not None:
