@@ -241,3 +241,9 @@ def test_sample_tokens_respects_top_k_and_top_p():
   assert set(np.asarray(decode.sample_tokens(logits, state(top_k=jnp.full(256, 2))))) == {0, 1}
   assert set(np.asarray(decode.sample_tokens(logits, state(top_p=jnp.full(256, 0.7))))) == {0, 1}  # 0.5 < 0.7 <= 0.8
   assert set(np.asarray(decode.sample_tokens(logits, state(temperature=jnp.zeros(256))))) == {0}
+  # Ids past a tokenizer's vocabulary are never drawn; the log-probs stay the model's.
+  masked = decode.mask_vocab(logits[:, ::-1], 3)  # ids 0..2 hold 0.05, 0.15, 0.3; id 3 (0.5) has no text
+  assert set(np.asarray(decode.sample_tokens(masked, state(temperature=jnp.zeros(256))))) == {2}
+  lp = decode.token_logprobs(logits[:1, ::-1], jnp.asarray([2]), 2, valid=3)
+  np.testing.assert_allclose(np.asarray(lp["logprob"]), np.log([0.3]), rtol=1e-6)
+  assert np.asarray(lp["top_ids"]).tolist() == [[2, 1]]
