@@ -189,6 +189,17 @@ def test_sharded_mesh_equals_one_device(model, greedy):
   assert sharded.blocks[0].engram.table[...].sharding.spec == jax.P(("data", "expert", "model"), None)
 
 
+@pytest.mark.slow
+def test_sharded_mesh_with_host_tables_and_cache_equals_one_device(model, greedy):
+  mesh = sharding.make_mesh("data=2,expert=2,model=2")
+  sharded = sharding.shard_module(Decoder(CFG, mesh, rngs=nnx.Rngs(0)), mesh)
+  config = dataclasses.replace(DCFG, table_placement="host", hot_rows=48)
+  out = Engine(sharded, config, mesh=mesh, row_counts=_corpus_counts(model)).generate(_requests())
+  for a, b in zip(out, greedy):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 def test_eos_and_stop_strings(engines, greedy):
   eng = engines("device")
   ref = greedy[1]
