@@ -307,7 +307,6 @@ class Engine:
       raise ValueError(f"DecodeConfig.eos_id={c.eos_id} is outside the vocabulary [0, {self.vocab_size})")
     if not 0 <= c.pad_id < self.vocab_size:
       raise ValueError(f"DecodeConfig.pad_id={c.pad_id} is outside the vocabulary [0, {self.vocab_size})")
-    self.batch_sharding = None if mesh is None else sharding.batch_sharding(mesh, 1)
     self.replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     if mesh is not None:
       n = math.prod(mesh.shape[a] for a in sharding.mesh_axes("batch"))
