@@ -13,7 +13,9 @@ rows), random weights, and the same model with 16x larger tables. For each table
 Rounds interleave the variants (one generate of each in turn), so load from other processes falls on all alike; we
 report medians over rounds and ratios to `device`. Per step (host variants, one extra round with synchronous
 transfers): host hash, host gather, transfer, and device compute (the device variant's step time); hidden fraction =
-1 - (host step - device step) / (hash + gather + transfer), the share of host work that overlapped with device work.
+1 - (host step - device step) / (hash + gather + transfer), the share of host work that overlapped with device work;
+host critical = per step, from reading the previous draw to dispatching the step's last part (hash, gather, send,
+dispatch: the window in which the device may idle).
 On CPU the "device" is the same memory and cores as the host, so this measures the pipeline's own overhead.
 Table printed; JSON written to benchmarks/results/decode.json (with the machine's load average).
 """
@@ -75,12 +77,14 @@ def build_engines(config, batch: int, new: int, prompt_len: int):
 
 
 def run_round(engine, requests):
-  engine.stats.update(decode_s=0.0, generated_tokens=0, decode_steps=0, prefill_s=0.0)
+  engine.stats.update(decode_s=0.0, generated_tokens=0, decode_steps=0, prefill_s=0.0, host_wait_s=0.0,
+                      host_critical_s=0.0)
   if engine.host_rows is not None:
     engine.host_rows.times = type(engine.host_rows.times)()
   engine.generate(requests)
   s = engine.stats
-  return s["generated_tokens"] / s["decode_s"], s["decode_s"] / max(s["decode_steps"], 1)
+  steps = max(s["decode_steps"], 1)
+  return s["generated_tokens"] / s["decode_s"], s["decode_s"] / steps, s["host_critical_s"] / steps
 
 
 def bench(config, batch: int, new: int, rounds: int, prompt_len: int = 32) -> dict:
@@ -93,18 +97,18 @@ def bench(config, batch: int, new: int, rounds: int, prompt_len: int = 32) -> di
   for e in engines.values():  # compile
     e.generate(requests[:1])
   compile_s = time.perf_counter() - t0
-  tps = {v: [] for v in VARIANTS}
-  step = {v: [] for v in VARIANTS}
+  tps, step, critical = ({v: [] for v in VARIANTS} for _ in range(3))
   for _ in range(rounds):
     for v in VARIANTS:
-      a, b = run_round(engines[v], requests)
+      a, b, c = run_round(engines[v], requests)
       tps[v].append(a)
       step[v].append(b)
+      critical[v].append(c)
   out = {"batch": batch, **info, "compile_s": compile_s, "rounds": rounds}
   dev_step = statistics.median(step["device"])
   for v in VARIANTS:
     out[v] = {"tokens_per_s": statistics.median(tps[v]), "step_ms": 1e3 * statistics.median(step[v]),
-              "tokens_per_s_rounds": tps[v]}
+              "host_critical_ms": 1e3 * statistics.median(critical[v]), "tokens_per_s_rounds": tps[v]}
     out[v]["ratio_to_device"] = out[v]["tokens_per_s"] / out["device"]["tokens_per_s"]
   for v in ("host", "host_cache"):  # one more round with synchronous transfers, for the time split
     eng = engines[v]
@@ -153,15 +157,16 @@ def main(argv=None):
             "load_avg_after": os.getloadavg(), "new_tokens": args.new, "prompt_tokens": 32, "model": MODEL_GIN,
             "results": results}
   print("\n| table | batch | rows | device tok/s | host tok/s (x) | host+cache tok/s (x) | hit rate | hash ms | "
-        "gather ms | transfer ms | device step ms | hidden |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "gather ms | transfer ms | device step ms | host step ms | host critical ms | hidden |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
     s = r["host"]["split"]
     print(f"| {r['table_scale']}x | {r['batch']} | {r['table_rows']:,} | {r['device']['tokens_per_s']:.1f} | "
           f"{r['host']['tokens_per_s']:.1f} ({r['host']['ratio_to_device']:.3f}) | "
           f"{r['host_cache']['tokens_per_s']:.1f} ({r['host_cache']['ratio_to_device']:.3f}) | "
           f"{r['host_cache'].get('hit_rate', float('nan')):.2f} | {s['hash_ms']:.3f} | {s['gather_ms']:.3f} | "
-          f"{s['transfer_ms']:.3f} | {s['device_step_ms']:.2f} | {s['hidden_fraction']:.2f} |")
+          f"{s['transfer_ms']:.3f} | {s['device_step_ms']:.2f} | {r['host']['step_ms']:.2f} | "
+          f"{r['host']['host_critical_ms']:.2f} | {s['hidden_fraction']:.2f} |")
   print(f"load average before {load_before}, after {record['load_avg_after']} ({os.cpu_count()} cores)")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   tmp = args.out + ".tmp"

@@ -334,7 +334,10 @@ class Engine:
     self._decode = {p: jax.jit(functools.partial(self._decode_fn, start=p[0], stop=p[1]), donate_argnums=(1,))
                     for p in self.parts}
     self._cache_fn = None
-    self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0}
+    # host_wait_s: decode time the host spent waiting for the previous draw; host_critical_s: from that draw to the
+    # dispatch of the step's last part (hash, gather, send, dispatch), when the device may idle (host tables only).
+    self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
+                  "host_wait_s": 0.0, "host_critical_s": 0.0}
 
   # -- compiled functions ----------------------------------------------------------------------------------------
 
@@ -542,13 +545,15 @@ class Engine:
 
   def _host_step(self, cache, state, pending, consume):
     """One decode step with host tables: dispatch the blocks before the first Engram layer, read the previous
-    draw (the tokens to hash), gather and send their rows, dispatch the rest."""
+    draw (the tokens to hash), gather and send their rows, dispatch the rest; only then do the previous step's
+    bookkeeping (it overlaps with the device's work on this step)."""
     h = None
     engram0 = 0 in self.host_rows.layers
     if not engram0:  # blocks before the first Engram layer run while the host works
       cache, h = self._decode[self.parts[0]](self.params, cache, state, None, None)
-    done = consume(pending)
-    tokens = np.asarray(jax.device_get(pending["token"]))[:, None]  # [B, 1]
+    t0 = time.perf_counter()
+    tokens = np.asarray(pending["token"])[:, None]  # [B, 1]; waits for the previous step
+    t1 = time.perf_counter()
     rows = self.host_rows(tokens)
     for start, stop in self.parts[0 if engram0 else 1:]:
       part_rows = {l: r for l, r in rows.items() if start <= l < stop}
@@ -556,7 +561,9 @@ class Engine:
         cache, h = self._decode[(start, stop)](self.params, cache, state, h, part_rows)
       else:
         cache, state, out = self._decode[(start, stop)](self.params, cache, state, h, part_rows)
-    return cache, state, out, done
+    self.stats["host_wait_s"] += t1 - t0
+    self.stats["host_critical_s"] += time.perf_counter() - t1
+    return cache, state, out, consume(pending)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
