@@ -22,9 +22,10 @@ def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
   kind = Path(rel).parts[1]
   if kind == "models":
     model, run, _ = configurables.resolve("train", [rel, "configs/runs/pretrain.gin"], TRAIN_MACROS)
-  elif rel.endswith("runs/eval.gin"):
-    model, run, _, _ = configurables.resolve("evaluate", ["configs/models/engram_moe_tiny.gin", rel],
-                                             ["CHECKPOINT_PATH='/tmp/unused'"])
+  elif rel.endswith("runs/eval.gin"):  # no model: eval reads it from the run directory
+    path, config, _ = configurables.resolve("evaluate", [rel], ["CHECKPOINT_PATH='/tmp/unused'"])
+    assert path == "/tmp/unused" and config == configurables.EvalConfig()
+    return []
   elif rel.endswith("runs/generate.gin"):  # decode and server settings; the model comes from the checkpoint
     from engram_jax import generate
     from engram_jax.decode import DecodeConfig
