@@ -53,6 +53,12 @@ def load_engine(checkpoint_path: str, config: DecodeConfig, context: int | None 
     raise ValueError(f"CHECKPOINT_PATH={checkpoint_path!r}: the run directory holds no tokenizer; generation needs "
                      "the SentencePiece model the run was trained with")
   tokenizer = SentencePieceTokenizer(record.tokenizer_path)
+  if not (context or record.seq_len):
+    raise ValueError(f"CONTEXT: the run in {record.model_dir} records no training sequence length; set "
+                     "--gin.CONTEXT=N (KV-cache slots per row)")
+  if record.needs_x64:  # 64-bit Engram hashing (EngramConfig.hash_bits=64) runs with jax x64 on
+    import jax
+    jax.config.update("jax_enable_x64", True)
   config = dataclasses.replace(config, max_len=context or record.seq_len, eos_id=tokenizer.eos_id)
   counts = None if row_counts is None else host_table.load_row_counts(row_counts)
   return Engine(model, config, mesh=mesh, tokenizer=tokenizer, row_counts=counts), tokenizer, record
@@ -63,11 +69,9 @@ def resolve(argv: Sequence[str], description: str, default_gin: str = DEFAULT_GI
   from engram_jax import configurables
 
   argv = list(argv)
-  if not any(a.startswith("--gin_file") for a in argv):
-    argv = [f"--gin_file={default_gin}"] + argv
   gin_flags = [a for a in argv if a.startswith("--gin") or a == "--distributed"]
   rest = [a for a in argv if a not in gin_flags]
-  gin_files, bindings, args = cli.parse_flags(gin_flags, description)
+  gin_files, bindings, args = cli.parse_flags(gin_flags, description, default_gin_files=[default_gin])
   if args.distributed:
     cli.initialize_distributed()
   configurables.parse(gin_files, bindings, args.gin_search_path)
