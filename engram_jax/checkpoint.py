@@ -29,7 +29,7 @@ CONFIG_FILE = "model_config.json"
 # ('engram_compression_path' is a field of older versions' model_config.json; the map is data now.)
 NON_STRUCTURAL_FIELDS = frozenset({"engram_compression_path", "compute_dtype", "remat", "engram.lookup",
                                    "engram.all_to_all_capacity_factor", "moe.dispatch", "moe.capacity_factor",
-                                   "moe.bias_update_rate", "moe.seq_aux_loss_coef"})
+                                   "moe.bias_update_rate", "moe.seq_aux_loss_coef", "engram.table_placement"})
 
 
 def config_to_dict(config: Any) -> dict:

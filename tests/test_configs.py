@@ -26,6 +26,12 @@ def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
     path, config, _ = configurables.resolve("evaluate", [rel], ["CHECKPOINT_PATH='/tmp/unused'"])
     assert path == "/tmp/unused" and config == configurables.EvalConfig()
     return []
+  elif rel.endswith("runs/generate.gin"):  # decode and server settings; the model comes from the checkpoint
+    from engram_jax import generate
+    from engram_jax.decode import DecodeConfig
+    (path, config, *_), rest = generate.resolve([f"--gin_file={rel}", "--gin.CHECKPOINT_PATH='/tmp/unused'"], rel)
+    assert path == "/tmp/unused" and isinstance(config, DecodeConfig) and rest == []
+    return []
   elif kind == "runs":
     model, run, _ = configurables.resolve("train", ["configs/models/engram_moe_tiny.gin", rel], TRAIN_MACROS)
   elif "SweepConfig." in (REPO / rel).read_text():  # the sweep runner's files (also via include): one model per rho

@@ -265,16 +265,19 @@ def gate_and_value(params: Mapping[str, jax.Array], h: jax.Array, e: jax.Array, 
 
 
 def engram_update(params: Mapping[str, jax.Array], h: jax.Array, e: jax.Array, *, dilation: int, gate_eps: float,
-                  conv_eps: float, segment_ids: jax.Array | None = None, conv_state: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  conv_eps: float, segment_ids: jax.Array | None = None, conv_state: jax.Array | None = None,
+                  token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The residual update from retrieved memory: gate, value, short conv.
 
   h [B, S, G, D]; e [B, S, E] (retrieved rows, concatenated); segment_ids [B, S] or None; conv_state [B, P, G, D]
-  (decode) or None -> (Y [B, S, G, D] in h.dtype, alpha [B, S, G] f32, new conv state [B, P, G, D]).
+  (decode) or None; token_mask [B, S] bool or None (False: padding, which feeds the conv zeros as before a sequence
+  start, since RMSNorm(0) = 0) -> (Y [B, S, G, D] in h.dtype, alpha [B, S, G] f32, new conv state [B, P, G, D]).
   """
   dt = h.dtype
   alpha, v = gate_and_value(params, h, e, gate_eps)  # [B, S, G], [B, S, D]
   vt = alpha.astype(dt)[..., None] * v[:, :, None, :]  # [B, S, G, D]
+  if token_mask is not None:
+    vt = jnp.where(token_mask[:, :, None, None], vt, jnp.zeros((), dt))
   conv, new_state = short_conv(vt, params["conv_weight"], params["conv_norm"], dilation, segment_ids, conv_state,
                                conv_eps)
   return (vt + conv).astype(dt), alpha, new_state
@@ -443,10 +446,10 @@ class Engram(nnx.Module):
     return gate_and_value(self.core_weights(), h, e, self.config.gate_eps)
 
   def _apply(self, h: jax.Array, e: jax.Array, segment_ids: jax.Array | None,
-             conv_state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+             conv_state: jax.Array | None, token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     y, alpha, new_state = engram_update(self.core_weights(), h, e, dilation=self.dilation,
                                         gate_eps=self.config.gate_eps, conv_eps=self.config.conv_eps,
-                                        segment_ids=segment_ids, conv_state=conv_state)
+                                        segment_ids=segment_ids, conv_state=conv_state, token_mask=token_mask)
     self.last_gate.set_value(mean_gate(alpha, segment_ids))
     return y, new_state
 
@@ -474,17 +477,22 @@ class Engram(nnx.Module):
                              conv=jnp.zeros((batch_size, self.conv_state_len, g, self.d_model), dtype))
 
   def decode_step(self, h: jax.Array, token_ids: jax.Array, cache: EngramDecodeCache, *,
-                  hash_ids: jax.Array | None = None, rows: jax.Array | None = None
-                  ) -> tuple[jax.Array, EngramDecodeCache]:
+                  hash_ids: jax.Array | None = None, rows: jax.Array | None = None,
+                  token_mask: jax.Array | None = None) -> tuple[jax.Array, EngramDecodeCache]:
     """h [B, T, G, D], token_ids [B, T] (T = 1 per step; T > 1 prefills a chunk) -> (Y [B, T, G, D], new cache).
     Feeding a sequence chunk by chunk gives the full pass's output. hash_ids [B, T, H] (optional): rows hashed on
-    the host (e.g. to prefetch them) with the same history; rows [B, T, H, d] (optional): those rows gathered."""
+    the host (e.g. to prefetch them) with the same history; rows [B, T, H, d] (optional): those rows gathered.
+    token_mask [B, T] (optional, bool): False marks padding (e.g. left padding of a ragged batch); a padding token
+    counts as the pad id in the n-gram history and feeds the conv zeros, so padding before a sequence leaves the
+    state of a fresh cache and the padded row decodes exactly like the unpadded one."""
     self._check_h(h, token_ids)
     cids = self.compress(token_ids)  # [B, T]
+    if token_mask is not None:
+      cids = jnp.where(token_mask, cids, jnp.asarray(self.spec.pad_id, cids.dtype))
     if rows is None and hash_ids is None:
       hash_ids = hashing.hash_ngrams_jnp(cids, None, self.spec, history=cache.ids)  # [B, T, H]
     e = self._embeddings(h, token_ids, None, hash_ids, rows)  # [B, T, E]
-    y, conv = self._apply(h, e, None, cache.conv)
+    y, conv = self._apply(h, e, None, cache.conv, token_mask)
     ids = jnp.concatenate([cache.ids, cids], axis=1)[:, -(self.config.max_ngram - 1):]  # [B, N-1]
     return y, EngramDecodeCache(ids=ids, conv=conv.astype(cache.conv.dtype))
 

@@ -9,6 +9,7 @@ import numpy as np
 from engram_jax.config_checks import check_types
 
 LOOKUPS = ("take", "shard_map", "all_to_all")
+TABLE_PLACEMENTS = ("device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,9 @@ class EngramConfig:
   projection_bias: bool = False  # W_V and every W_K^g carry a bias (the demo's nn.Linear does); off: bias-free.
   gate_norm_eps: float | None = None  # Epsilon of the two gate norms; None: norm_eps (demo: float32 machine eps).
   conv_norm_eps: float | None = None  # Epsilon of the conv norms; None: norm_eps (demo: 1e-5).
+  # Where decoding keeps the table: 'device' (a parameter, read in-graph) or 'host' (numpy in host memory; rows are
+  # hashed and gathered on the host and sent with each step, see engram_jax.host_table). Does not change the math.
+  table_placement: str = "device"
 
   def __post_init__(self):
     check_types(self)  # a wrong type fails here, naming the field, not inside a comparison below
@@ -73,6 +77,8 @@ class EngramConfig:
           "change head_dim or leave memory_dim None")
     if self.pad_id < 0:
       bad("pad_id", "must be a raw vocabulary id >= 0")
+    if self.table_placement not in TABLE_PLACEMENTS:
+      bad("table_placement", f"must be one of {TABLE_PLACEMENTS}")
     if self.table_row_multiple < 1:
       bad("table_row_multiple", "must be >= 1")
     for field in ("norm_eps", "gate_norm_eps", "conv_norm_eps"):

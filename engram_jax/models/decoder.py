@@ -112,14 +112,17 @@ class Block(nnx.Module):
       y = self.ffn(self.ffn_norm(x))
     return self.ffn_hc.write(ctx, y), metrics  # [B, S, G, D]
 
-  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids=None, rows=None):
-    """Incremental form of __call__ (one document per row): returns (h', kv cache', engram cache')."""
+  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids=None, rows=None,
+             segment_ids=None):
+    """Incremental form of __call__ (one document per row; segment_ids 0 = padding): (h', kv cache', engram cache')."""
+    mask = None if segment_ids is None else segment_ids != 0  # [B, T]
     if self.engram is not None:
-      y, engram_cache = self.engram.decode_step(h, tokens, engram_cache, hash_ids=hash_ids, rows=rows)
+      y, engram_cache = self.engram.decode_step(h, tokens, engram_cache, hash_ids=hash_ids, rows=rows,
+                                                token_mask=mask)
       h = h + y.astype(h.dtype)  # [B, T, G, D]
     x, ctx = self.attn_hc.read(h)
-    y, kv_cache = self.attn.decode(self.attn_norm(x), kv_cache, positions)
-    h, _ = self._ffn(self.attn_hc.write(ctx, y), None)
+    y, kv_cache = self.attn.decode(self.attn_norm(x), kv_cache, positions, segment_ids)
+    h, _ = self._ffn(self.attn_hc.write(ctx, y), mask)  # padding takes no MoE capacity
     return h, kv_cache, engram_cache
 
 
@@ -254,23 +257,47 @@ class Decoder(nnx.Module):
 
   def decode_step(self, tokens: jax.Array, cache: DecodeCache, positions: jax.Array | None = None,
                   engram_hash_ids: dict[int, jax.Array] | None = None,
-                  engram_rows: dict[int, jax.Array] | None = None) -> tuple[jax.Array, DecodeCache]:
+                  engram_rows: dict[int, jax.Array] | None = None,
+                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
     """Feeds tokens [B, T] (a prompt chunk or T = 1) after the cached ones; returns (logits [B, T, V], cache').
 
-    One document per row. positions default to cache.length + 0..T-1. Feeding a sequence chunk by chunk gives the
-    logits of the full pass (exactly so with dropless MoE; the capacity path may drop different assignments).
+    One document per row. positions default to cache.length + 0..T-1. segment_ids [B, T] (optional): 0 marks
+    padding (e.g. the left padding of a ragged batch; give the real tokens positions from 0 and segment id 1):
+    no real token attends to a padding slot, and Engram treats padding as the space before a sequence start, so
+    a left-padded row decodes like the unpadded one. Feeding a sequence chunk by chunk gives the logits of the
+    full pass (exactly so with dropless MoE; the capacity path may drop different assignments).
+    """
+    return self.decode_part(tokens, cache, 0, len(self.blocks), positions=positions, segment_ids=segment_ids,
+                            engram_hash_ids=engram_hash_ids, engram_rows=engram_rows)
+
+  def decode_part(self, tokens: jax.Array, cache: DecodeCache, start: int, stop: int, h: jax.Array | None = None,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  engram_hash_ids: dict[int, jax.Array] | None = None,
+                  engram_rows: dict[int, jax.Array] | None = None) -> tuple[jax.Array, DecodeCache]:
+    """Blocks [start, stop) of `decode_step` (same arguments): a step split at block boundaries, so table rows
+    for a later Engram layer (e.g. gathered from a host-resident table) can arrive while earlier blocks run.
+
+    start == 0 embeds `tokens`; otherwise h [B, T, G, D] is the stream returned by the part before. Returns
+    (logits [B, T, V] if stop == num_layers else the stream h [B, T, G, D], cache with blocks [start, stop)
+    advanced). cache.length counts a token once every block has been fed it.
     """
     b, t = tokens.shape
+    if not 0 <= start < stop <= len(self.blocks):
+      raise ValueError(f"decode_part: need 0 <= start < stop <= {len(self.blocks)}, got [{start}, {stop})")
+    if (h is None) != (start == 0):
+      raise ValueError("decode_part: pass h (the previous part's stream) exactly when start > 0")
     if positions is None:
-      positions = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (b, t))
-    h = self._embed(tokens)
-    kv, engram = [], {}
-    for i, block in enumerate(self.blocks):
+      positions = jnp.broadcast_to(cache.kv[start].length + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is not None:
+      segment_ids = segment_ids.astype(jnp.int32)
+    if start == 0:
+      h = self._embed(tokens)
+    kv, engram = list(cache.kv), dict(cache.engram)
+    for i in range(start, stop):
       hash_ids = None if engram_hash_ids is None else engram_hash_ids.get(i)
       rows = None if engram_rows is None else engram_rows.get(i)
-      h, kv_i, engram_i = block.decode(h, tokens.astype(jnp.int32), positions, cache.kv[i], cache.engram.get(i),
-                                       hash_ids, rows)
-      kv.append(kv_i)
+      h, kv[i], engram_i = self.blocks[i].decode(h, tokens.astype(jnp.int32), positions, kv[i], engram.get(i),
+                                                 hash_ids, rows, segment_ids)
       if engram_i is not None:
         engram[i] = engram_i
-    return self._logits(h), DecodeCache(kv, engram)
+    return (self._logits(h) if stop == len(self.blocks) else h), DecodeCache(kv, engram)
