@@ -22,7 +22,8 @@ import numpy as np
 
 from evals.benchmarks import TaskData, TaskSpec
 
-# attribute -> (values, statement templates). Template 0 is also the probe's cloze: its text up to '{value}'.
+# attribute -> (values, statement templates). Template 0 is also the probe's cloze: its text up to '{value}', which
+# ends it (so cloze + ' ' + value + '.' is the statement).
 ATTRIBUTES = {
     "city": (("Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Kyoto", "Prague", "Quito", "Tunis", "Perth"),
              ("{name} was born in {value}.", "The birthplace of {name} is {value}.",
@@ -33,12 +34,13 @@ ATTRIBUTES = {
                ("The favourite colour of {name} is {value}.", "{name} likes the colour {value} best.",
                 "Above all colours, {name} prefers {value}.")),
     "pet": (("cat", "dog", "parrot", "horse", "goat", "rabbit", "tortoise", "owl"),
-            ("{name} keeps a {value} as a pet.", "The pet of {name} is a {value}.",
+            ("The pet of {name} is a {value}.", "{name} keeps a {value} as a pet.",
              "At home, {name} looks after a {value}.")),
     "instrument": (("harp", "violin", "drum", "flute", "lute", "trumpet", "organ", "cello"),
                    ("{name} plays the {value}.", "The instrument of {name} is the {value}.",
                     "In the evenings {name} practises the {value}.")),
 }
+assert all(t[0].endswith("{value}.") for _, t in ATTRIBUTES.values())
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "th")
 _NUCLEI = ("a", "e", "i", "o", "u", "ai", "ea", "ou")
 _CODAS = ("", "", "n", "r", "s", "l", "th", "x")
