@@ -264,16 +264,16 @@ def test_pregathered_rows_equal_table_lookup_and_their_gradient_is_the_table_gra
   layer = layers[4]
   h, ids = _inputs(seed=3)
   seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 8], 2, axis=0), jnp.int32)
-  graphdef, state = nnx.split(layer)
+  graphdef, table_state, rest = nnx.split(layer, EngramTable, ...)
+  table_state, rest = nnx.to_pure_dict(table_state), nnx.to_pure_dict(rest)
   flat = layer.flat_rows(layer.hash(ids, seg))  # [B, S, H]
 
   def via_table(table):
-    m = nnx.merge(graphdef, state)
-    m.table.set_value(table)
+    m = nnx.merge(graphdef, jax.tree.map(lambda _: table, table_state), rest)
     return jnp.sum(jnp.sin(m(h, ids, seg)))
 
   def via_rows(rows):
-    return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(h, ids, seg, rows=rows)))
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, table_state, rest)(h, ids, seg, rows=rows)))
 
   table = layer.table[...]
   rows = table[flat]  # [B, S, H, d]

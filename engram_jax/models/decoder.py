@@ -96,7 +96,7 @@ class Block(nnx.Module):
     else:
       self.ffn = SwiGLU(c.d_model, c.dense_hidden, compute_dtype=dt, rngs=rngs)
 
-  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids, rows, engram_on=True):
+  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids=None, rows=None, engram_on=True):
     if self.engram is not None:
       y = self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids, rows=rows)
       if engram_on:  # off: Engram still runs (its gate statistics stay real) but adds nothing to the stream
@@ -114,7 +114,7 @@ class Block(nnx.Module):
       y = self.ffn(self.ffn_norm(x))
     return self.ffn_hc.write(ctx, y), metrics  # [B, S, G, D]
 
-  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids, rows):
+  def decode(self, h, tokens, positions, kv_cache: KVCache, engram_cache, hash_ids=None, rows=None):
     """Incremental form of __call__ (one document per row): returns (h', kv cache', engram cache')."""
     if self.engram is not None:
       y, engram_cache = self.engram.decode_step(h, tokens, engram_cache, hash_ids=hash_ids, rows=rows)
