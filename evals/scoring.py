@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -128,19 +129,26 @@ def build_rows(enc: Encoded, rows: list[list[int]], seq_len: int) -> dict[str, n
   return out
 
 
-def make_token_scorer(model: nnx.Module, engram_off: tuple[int, ...] = ()) -> Callable:
-  """Jitted (targets, segment_ids, positions) [B, S] -> (log p(target) [B, S] float32, target is argmax [B, S])."""
-  graphdef, state = nnx.split(model)
+@functools.lru_cache(maxsize=16)
+def _jitted_scorer(graphdef, engram_off: tuple[int, ...]) -> Callable:
+  """One jitted scoring function per model structure (so new parameters of the same model never recompile)."""
 
   @jax.jit
   def fn(state, targets, segment_ids, positions):
     m = nnx.merge(graphdef, state)
     inputs = shift_right(targets, segment_ids)
-    logits, _ = m(inputs, segment_ids=segment_ids, positions=positions, engram_off=tuple(engram_off))  # [B, S, V]
+    logits, _ = m(inputs, segment_ids=segment_ids, positions=positions, engram_off=engram_off)  # [B, S, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
     tgt = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, S]
     return tgt, jnp.argmax(logits, axis=-1) == targets
 
+  return fn
+
+
+def make_token_scorer(model: nnx.Module, engram_off: tuple[int, ...] = ()) -> Callable:
+  """Jitted (targets, segment_ids, positions) [B, S] -> (log p(target) [B, S] float32, target is argmax [B, S])."""
+  graphdef, state = nnx.split(model)
+  fn = _jitted_scorer(graphdef, tuple(int(i) for i in engram_off))
   return lambda targets, segment_ids, positions: fn(state, targets, segment_ids, positions)
 
 

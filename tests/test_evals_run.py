@@ -4,6 +4,7 @@ eval gin file builds its suite."""
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -116,3 +117,19 @@ def test_analysis_suite_logit_lens_cka_and_gate_pictures(env):
   for f in ("logit_lens.png", "cka.png", "gates.png", "gates.html", "analysis.json", "analysis.md"):
     assert (out / f).stat().st_size > 200, f
   assert "rgba(255,120,0," in (out / "gates.html").read_text()
+
+
+def test_inloop_eval_logs_bpb_and_accuracy_without_recompiling(env):
+  from evals import inloop, loading, scoring
+  loaded = loading.load(env)
+  ev = inloop.InLoopEval(("arc_easy", "lambada"), loaded.tokenizer_path, loaded.seq_len, limit=4, batch_size=4)
+  first = ev(loaded.model)
+  assert set(first) == {"eval/arc_easy/bpb", "eval/arc_easy/acc", "eval/lambada/bpb", "eval/seconds"}
+  assert all(np.isfinite(v) for v in first.values())
+  misses = scoring._jitted_scorer.cache_info().misses
+  from flax import nnx
+  graphdef, state = nnx.split(loaded.model)
+  shifted = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.5 if x.dtype == np.float32 else x, state))
+  second = ev(shifted)
+  assert scoring._jitted_scorer.cache_info().misses == misses  # new parameters, same compiled function
+  assert second["eval/arc_easy/bpb"] != first["eval/arc_easy/bpb"]
