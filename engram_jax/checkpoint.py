@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = "model_config.json"
 # ModelConfig fields that change how a model computes, not what its parameters are: they may differ on resume.
-# (The Engram compression map itself is a variable of the checkpointed state, so where it was loaded from is not.)
+# ('engram_compression_path' is a field of older versions' model_config.json; the map is data now.)
 NON_STRUCTURAL_FIELDS = frozenset({"engram_compression_path", "compute_dtype", "remat", "engram.lookup",
                                    "engram.all_to_all_capacity_factor", "moe.dispatch", "moe.capacity_factor",
                                    "moe.bias_update_rate", "moe.seq_aux_loss_coef"})
@@ -52,6 +52,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
       show = lambda d: repr(d[key]) if key in d else "<absent>"
       lines.append(f"{key}: {show(a)} -> {show(b)}")
   return lines
+
+
+def finished_steps(directory) -> list[int]:
+  """Steps whose save completed (orbax's finalized step directories), sorted; [] for a missing directory."""
+  return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 class Checkpointer:

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import jax
 
 
-def parse_flags(argv: Sequence[str], description: str | None = None
+def parse_flags(argv: Sequence[str], description: str | None = None, default_gin_files: Sequence[str] = ()
                 ) -> tuple[list[str], list[str], argparse.Namespace]:
-  """--gin_file (repeatable) and --gin.NAME=VALUE overrides -> (files, bindings, other flags)."""
+  """--gin_file (repeatable) and --gin.NAME=VALUE overrides -> (files, bindings, other flags).
+  Without --gin_file, `default_gin_files` are used (an error if there are none)."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable, applied in order)")
   parser.add_argument("--gin_search_path", action="append", default=[], help="extra directory for gin includes")
@@ -26,6 +27,8 @@ def parse_flags(argv: Sequence[str], description: str | None = None
     if not sep:
       parser.error(f"{item!r}: expected --gin.NAME=VALUE")
     bindings.append(f"{name} = {_gin_value(value)}")
+  if not args.gin_file and default_gin_files:
+    args.gin_file = list(default_gin_files)
   if not args.gin_file:
     parser.error("at least one --gin_file is required (e.g. configs/experiments/quickstart.gin)")
   return args.gin_file, bindings, args

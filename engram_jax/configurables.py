@@ -3,7 +3,7 @@
 The only library module besides the entry points (train.py / eval.py `main`) that imports gin. Gin files bind:
   ModelConfig.*, MoEConfig.*, EngramConfig.*, RunConfig.*, OptimizerConfig.*  (plain frozen dataclasses)
   train.model_config / train.run / train.model_dir            (what `python -m engram_jax.train` runs)
-  evaluate.model_config / evaluate.run / evaluate.checkpoint_path / evaluate.output_dir   (`engram_jax.eval`)
+  evaluate.checkpoint_path / evaluate.config (EvalConfig.*) / evaluate.output_dir        (`engram_jax.eval`)
 T5X-style macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, CHECKPOINT_PATH) are
 defined in configs/runs/*.gin and overridden on the command line with --gin.NAME=VALUE.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gin
 
+from engram_jax.eval import EvalConfig
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.layers.moe_config import MoEConfig
 from engram_jax.models.config import ModelConfig
@@ -24,7 +25,7 @@ from engram_jax.run_config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-for _cls in (ModelConfig, MoEConfig, EngramConfig, OptimizerConfig, RunConfig):
+for _cls in (ModelConfig, MoEConfig, EngramConfig, OptimizerConfig, RunConfig, EvalConfig):
   gin.external_configurable(_cls, module="engram_jax")
 
 
@@ -36,10 +37,10 @@ def train_args(model_config: ModelConfig = gin.REQUIRED, run: RunConfig = gin.RE
 
 
 @gin.configurable("evaluate", module="engram_jax")
-def eval_args(model_config: ModelConfig = gin.REQUIRED, run: RunConfig = gin.REQUIRED,
-              checkpoint_path: str = gin.REQUIRED, output_dir: str | None = None):
-  """What `python -m engram_jax.eval` evaluates: (model config, run config, checkpoint path, output dir)."""
-  return model_config, run, checkpoint_path, output_dir
+def eval_args(checkpoint_path: str = gin.REQUIRED, config: EvalConfig = EvalConfig(), output_dir: str | None = None):
+  """What `python -m engram_jax.eval` evaluates: (checkpoint path, eval config, output dir); the model comes from
+  the checkpoint's run directory."""
+  return checkpoint_path, config, output_dir
 
 
 class GinConfigError(ValueError):
@@ -86,7 +87,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: 
 
 def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()):
   """Parses the config and builds the entry point's arguments: 'train' -> (model, run, model_dir); 'evaluate' ->
-  (model, run, checkpoint_path, output_dir). Config errors (missing macros, bad fields) raise GinConfigError."""
+  (checkpoint_path, eval config, output_dir). Config errors (missing macros, bad fields) raise GinConfigError."""
   parse(gin_files, bindings, search_paths)
   fn = {"train": train_args, "evaluate": eval_args}[kind]
   try:
@@ -96,12 +97,6 @@ def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), s
                          "configs/runs/*.gin); field errors name the field.") from None
 
 
-def write_operative_config(directory: str | os.PathLike, name: str = "config.gin") -> Path:
-  """Writes gin's operative config (every value actually used) to directory/name."""
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  path = directory / name
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(gin.operative_config_str())
-  tmp.replace(path)
-  return path
+def operative_config() -> str:
+  """Gin's operative config: every value the entry point actually used (saved as MODEL_DIR/config.gin)."""
+  return gin.operative_config_str()

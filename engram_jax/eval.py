@@ -1,10 +1,11 @@
-"""Validation loss and perplexity of a checkpoint.
+"""Validation loss and perplexity of a checkpoint; the run directory describes the model (no model gin file).
 
-    python -m engram_jax.eval --gin_file=configs/models/engram_moe_tiny.gin --gin_file=configs/runs/eval.gin \
-        --gin.CHECKPOINT_PATH="'/tmp/quickstart'"
+    python -m engram_jax.eval --gin.CHECKPOINT_PATH="'/tmp/engram_quickstart'"
 
 CHECKPOINT_PATH is a MODEL_DIR (its latest checkpoint), its checkpoints/ directory, or checkpoints/<step>.
-Only the parameters and non-trainable variables are read (not the optimizer state), onto the configured mesh.
+The model, its Engram compression map and hash specs come from the run's record (engram_jax.run_dir.load_model);
+the task, corpus, sequence length, batch size and number of validation batches default to training's, so the loss
+equals the one training logged at that step. Only parameters and non-trainable variables are read.
 """
 
 from __future__ import annotations
@@ -16,82 +17,108 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from flax import nnx
 
-from engram_jax import checkpoint as ckpt_lib
-from engram_jax import cli, sharding
+from engram_jax import cli, fileio, run_dir, sharding
 from engram_jax.data.feed import check_batch_size, open_data, to_global
 from engram_jax.run_config import RunConfig
-from engram_jax.steps import make_setup, validation_loss
-from engram_jax.models.config import ModelConfig
+from engram_jax.steps import make_eval_step, validation_loss
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
-  """(checkpoints directory, step) for a model dir, a checkpoints dir or a step dir; a clear error otherwise."""
-  path = Path(path).absolute()
-  candidates = [(path / "checkpoints", None), (path, None)]
-  if path.name.isdigit():
-    candidates.insert(0, (path.parent, int(path.name)))
-  for directory, step in candidates:
-    if (directory / ckpt_lib.CONFIG_FILE).is_file():
-      steps = ckpt_lib.Checkpointer(directory).all_steps()
-      if step is None and steps:
-        step = max(steps)
-      if step is not None and step in steps:
-        return directory, step
-      raise ValueError(f"CHECKPOINT_PATH={str(path)!r}: no finished checkpoint{'' if step is None else f' {step}'} "
-                       f"in {directory} (steps there: {steps}); train first or pick one of those steps")
-  raise ValueError(f"CHECKPOINT_PATH={str(path)!r} holds no checkpoints ({ckpt_lib.CONFIG_FILE} not found there or "
-                   "in its checkpoints/ subdirectory); pass the MODEL_DIR of a training run")
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate on; None fields take the value training used (from the run record)."""
+
+  task: str | None = None  # Data task (MIXTURE_OR_TASK_NAME).
+  data_dir: str | None = None  # Corpus directory of the task.
+  seq_len: int | None = None  # Tokens per row.
+  batch_size: int | None = None  # Global rows per batch; must divide over the mesh's data x expert devices.
+  eval_batches: int | None = None  # Validation batches (the split may hold fewer: then all of it is used).
+  mesh: str = "data=-1"  # sharding.make_mesh spec of the devices to evaluate on.
+  compute_dtype: str | None = None  # 'bfloat16' / 'float32' overrides the model's; None keeps it.
+
+  def __post_init__(self):
+    for name in ("seq_len", "batch_size", "eval_batches"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"EvalConfig.{name}={value!r} must be an integer >= 1 (or None: as in training)")
+    if self.compute_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"EvalConfig.compute_dtype={self.compute_dtype!r}: use None, 'float32' or 'bfloat16'")
 
 
-def evaluate(model_config: ModelConfig, run: RunConfig, checkpoint_path: str | os.PathLike,
+def eval_run_config(record: run_dir.RunRecord, config: EvalConfig) -> RunConfig:
+  """The RunConfig whose validation batches evaluation reads: training's, with `config`'s overrides."""
+  trained = record.run_config
+  pick = lambda name, default: getattr(config, name) if getattr(config, name) is not None else trained.get(name,
+                                                                                                           default)
+  task = pick("task", "engram_corpus_en")
+  data_dir = config.data_dir if config.data_dir is not None else (record.data_dir if task == record.task else None)
+  return RunConfig(task=task, data_dir=data_dir, seq_len=pick("seq_len", 256), batch_size=pick("batch_size", 16),
+                   eval_batches=pick("eval_batches", 8), mesh=config.mesh, seed=trained.get("seed", 0))
+
+
+def evaluate(checkpoint_path: str | os.PathLike, config: EvalConfig | None = None,
              output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-  """Mean validation NLL (nats/token) and perplexity over `run.eval_batches` batches of `run.task`."""
+  """Mean validation NLL (nats/token) and perplexity of a checkpoint; writes eval_step<N>.json."""
   t0 = time.time()
-  if run.compute_dtype:
-    model_config = dataclasses.replace(model_config, compute_dtype=run.compute_dtype)
-  # --- checks before anything compiles: checkpoint exists and belongs to this model config, batch fits the mesh
-  directory, step = resolve_checkpoint(checkpoint_path)
-  checkpointer = ckpt_lib.Checkpointer(directory)
-  checkpointer.check_model_config(model_config)
-  mesh = sharding.make_mesh(run.mesh)
+  config = config or EvalConfig()
+  mesh = sharding.make_mesh(config.mesh)
+  # --- the run's record first: a bad path or a corrupt step fails before any data is read
+  model_dir, _, _ = run_dir.locate(checkpoint_path)
+  record = run_dir.read_record(model_dir)
+  if record is None:
+    raise ValueError(f"CHECKPOINT_PATH={os.fspath(checkpoint_path)!r}: {model_dir} holds no run record; pass the "
+                     "MODEL_DIR of a training run")
+  run = eval_run_config(record, config)
   check_batch_size(run.batch_size, mesh, run.mesh)
+  model, record = run_dir.load_model(checkpoint_path, mesh)
 
-  # --- data, model, restore (parameters and non-trainable variables only)
-  _, val_batches = open_data(run, model_config.vocab_size)
-  val_batches = [to_global(b, mesh) for b in val_batches]
-  setup = make_setup(model_config, run.optimizer, run.steps, mesh)
-  target = {k: setup.abstract[k] for k in ("params", "rest", "step")}
-  restored = checkpointer.restore_subset(step, target)
-  checkpointer.close()
-
-  # --- evaluate
-  loss = validation_loss(setup.eval_step, restored, val_batches)
+  # --- data, evaluation (the same jitted step and shardings as training's validation)
+  with run_dir.x64_context(record.model_config):
+    _, val_batches = open_data(run, record.model_config.vocab_size)
+    val_batches = [to_global(b, mesh) for b in val_batches]
+    if config.compute_dtype:
+      model = _with_compute_dtype(model, config.compute_dtype, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}
+    loss = validation_loss(jax.jit(make_eval_step(graphdef)), state, val_batches)
   tokens = int(sum(int(jax.device_get(b["segment_ids"] > 0).sum()) for b in val_batches))
-  result = {"checkpoint": str(directory / str(step)), "step": int(jax.device_get(restored["step"])),
+  step = record.step
+  result = {"checkpoint": str(fileio.as_path(model_dir) / "checkpoints" / str(step)), "step": step,
             "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": tokens,
-            "val_batches": len(val_batches), "task": run.task, "wall_time_s": time.time() - t0}
-  out = Path(output_dir) if output_dir else directory.parent
+            "val_batches": len(val_batches), "task": run.task, "seq_len": run.seq_len, "batch_size": run.batch_size,
+            "wall_time_s": time.time() - t0}
+  out = fileio.as_path(output_dir) if output_dir else fileio.as_path(model_dir)
   if jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"eval_step{step}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['checkpoint']}: validation loss {loss:.4f} nats/token, perplexity "
-          f"{result['val_perplexity']:.2f} over {tokens:,} tokens", flush=True)
+    fileio.atomic_write(out / f"eval_step{step}.json", json.dumps(result, indent=2) + "\n")
+    print(f"{result['checkpoint']}: validation loss {loss:.4f} nats/token, perplexity {result['val_perplexity']:.2f} "
+          f"over {len(val_batches)} batches ({tokens:,} tokens) of {run.task!r}", flush=True)
   return result
 
 
+def _with_compute_dtype(model, compute_dtype: str, mesh):
+  """The same parameters in a model built with another compute dtype."""
+  from engram_jax.models.decoder import Decoder
+  config = dataclasses.replace(model.config, compute_dtype=compute_dtype)
+  compression = next((np.asarray(b.engram.compression[...]) for b in model.blocks if b.engram is not None), None)
+  abstract = nnx.eval_shape(lambda: Decoder(config, mesh, compression=compression, rngs=nnx.Rngs(0)))
+  graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return nnx.merge(graphdef, params, rest)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-  gin_files, bindings, args = cli.parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
+  gin_files, bindings, args = cli.parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0],
+                                              default_gin_files=["configs/runs/eval.gin"])
   from engram_jax import configurables  # registers the library's classes with gin
   if args.distributed:
     cli.initialize_distributed()
-  model_config, run, checkpoint_path, output_dir = configurables.resolve("evaluate", gin_files, bindings,
-                                                                         args.gin_search_path)
-  return evaluate(model_config, run, checkpoint_path, output_dir)
+  checkpoint_path, config, output_dir = configurables.resolve("evaluate", gin_files, bindings, args.gin_search_path)
+  return evaluate(checkpoint_path, config, output_dir)
 
 
 if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy

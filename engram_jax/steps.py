@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,9 +26,30 @@ State = dict[str, Any]
 Batch = dict[str, np.ndarray]
 
 
-def build_model(model_config: ModelConfig, mesh, seed: int) -> nnx.Module:
+def build_model(model_config: ModelConfig, mesh, seed: int, compression: np.ndarray | None = None) -> nnx.Module:
   from engram_jax.models.decoder import Decoder  # lazy: the decoder imports layers that may import more
-  return Decoder(model_config, mesh, rngs=nnx.Rngs(jax.random.key(seed)))  # seed may be traced
+  return Decoder(model_config, mesh, compression=compression, rngs=nnx.Rngs(jax.random.key(seed)))  # seed may be traced
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenMap:
+  """An Engram compression map as a cache key: equal (and hashed) by content, so every run directory whose map has
+  the same ids shares one compiled setup."""
+  array: np.ndarray
+  digest: str
+
+  @classmethod
+  def of(cls, compression: np.ndarray | None) -> FrozenMap | None:
+    if compression is None:
+      return None
+    array = np.asarray(compression, np.int32)
+    return cls(array, hashlib.sha256(array.tobytes()).hexdigest())
+
+  def __eq__(self, other):
+    return isinstance(other, FrozenMap) and other.digest == self.digest
+
+  def __hash__(self):
+    return hash(self.digest)
 
 
 
@@ -53,10 +75,18 @@ class Setup:
   eval_step: Callable[[dict, dict, Batch], tuple[jax.Array, jax.Array]]
 
 
+def make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, total_steps: int, mesh,
+               compression: np.ndarray | None = None) -> Setup:
+  """Abstract model -> shardings, optimizer, sharded initializer and jitted steps (compiled on first call).
+  Cached per (model, optimizer, schedule length, mesh, compression map contents)."""
+  return _make_setup(model_config, optimizer, total_steps, mesh, FrozenMap.of(compression))
+
+
 @functools.lru_cache(maxsize=4)
-def make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, total_steps: int, mesh) -> Setup:
-  """Abstract model -> shardings, optimizer, sharded initializer and jitted steps (compiled on first call)."""
-  abstract_model = nnx.eval_shape(lambda: build_model(model_config, mesh, 0))
+def _make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, total_steps: int, mesh,
+                frozen_map: FrozenMap | None) -> Setup:
+  compression = None if frozen_map is None else frozen_map.array
+  abstract_model = nnx.eval_shape(lambda: build_model(model_config, mesh, 0, compression))
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
   labels = optim.param_labels(params)
   tx = optim.make_optimizer(optimizer, total_steps, labels)
@@ -66,7 +96,7 @@ def make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, tota
                "rest": nnx.to_pure_dict(sharding.state_shardings(rest, mesh)), "step": replicated, "rng": replicated}
 
   def init(seed: jax.Array) -> State:
-    model = build_model(model_config, mesh, seed)
+    model = build_model(model_config, mesh, seed, compression)
     _, p, r = nnx.split(model, nnx.Param, ...)
     p = nnx.to_pure_dict(p)
     return {"params": p, "opt": tx.init(p), "rest": nnx.to_pure_dict(r), "step": jnp.zeros((), jnp.int32),

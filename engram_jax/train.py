@@ -7,8 +7,10 @@ Letters: B batch, S sequence, V vocabulary, L MoE layers, E experts.
 The compiled pieces (state, train and eval steps) live in steps.py, batches in data/feed.py, logging in
 metrics_io.py. Gin only wires the entry point (`main`); the library functions take plain dataclasses.
 
-MODEL_DIR receives: config.gin (gin's operative config), checkpoints/ (orbax steps + model_config.json),
-metrics.jsonl (one JSON record per log/eval step), tb/ (TensorBoard events), loss_curve.png and result.json.
+MODEL_DIR receives: run_record.json (+ engram_compression.npy, tokenizer.model: everything needed to rebuild the
+model, see run_dir.py), config.gin (gin's operative config), checkpoints/ (orbax steps), metrics.jsonl (one JSON
+record per log/eval step), tb/ (TensorBoard events), loss_curve.png and result.json. Nothing is written before the
+configuration, the mesh and the data have been checked.
 A rerun with the same MODEL_DIR resumes from the latest checkpoint (parameters, optimizer state, step, RNG key,
 data position); `RunConfig.stop_after` stops early without changing the learning-rate schedule.
 """
@@ -27,75 +29,58 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import cli, hashing, optim, sharding
-from engram_jax.data.feed import check_batch_size, open_data, to_global
+from engram_jax import cli, fileio, optim, run_dir, sharding
+from engram_jax.data.feed import check_batch_size, open_data, resolved_data_dir, task_vocabulary, to_global
 from engram_jax.metrics_io import Logger, moe_engram_text, duration, plot_curves, read_curves, summarize
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.decoder import validate_config
 from engram_jax.run_config import RunConfig
 from engram_jax.steps import make_setup, validation_loss
-
-
-COMPRESSION_FILE = "engram_compression.npy"
-
-
-def vocabulary_compression(task: str, data_dir: str | None, vocab_size: int) -> np.ndarray:
-  """Engram's compression map np.int32 [vocab_size] from the task's SentencePiece pieces; ids beyond the
-  tokenizer's (model vocab padding) keep their own compressed ids."""
-  from engram_jax.data import tasks
-  vocab = tasks.get_vocabulary(task, data_dir)
-  pieces = [vocab.tokenizer.id_to_piece(i) for i in range(vocab.tokenizer.get_piece_size())]
-  compression = hashing.build_compression(pieces)
-  extra = vocab_size - len(pieces)  # [V - pieces] unused model ids: fresh compressed ids
-  return np.concatenate([compression, compression.max() + 1 + np.arange(max(extra, 0), dtype=np.int32)])
-
-
-def resolve_compression(model_config: ModelConfig, run: RunConfig, model_dir: Path) -> ModelConfig:
-  """The model config with engram_compression_path pointing at MODEL_DIR's map (built once, written atomically)."""
-  if not model_config.engram_layers or model_config.engram_compression_path or run.engram_compression == "none":
-    return model_config
-  path = model_dir / COMPRESSION_FILE
-  if not path.exists():  # every process writes the same bytes under its own temporary name, then renames
-    compression = vocabulary_compression(run.task, run.data_dir, model_config.vocab_size)
-    tmp = path.with_name(f".{path.name}.{jax.process_index()}.tmp")
-    with open(tmp, "wb") as f:
-      np.save(f, compression)
-    os.replace(tmp, path)
-    if jax.process_index() == 0:
-      print(f"engram tokenizer compression: {compression.size} -> {hashing.compressed_vocab_size(compression)} ids "
-            f"({100 * hashing.reduction_ratio(compression):.1f}% reduction) -> {path}", flush=True)
-  return dataclasses.replace(model_config, engram_compression_path=str(path))
-
 
 
 # ------------------------------------------------------------------------------------------------ main loop
 
 
-def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str | os.PathLike) -> dict[str, Any]:
-  """Trains (resuming from model_dir's latest checkpoint) and returns losses, curves, tokens and wall time."""
+def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str | os.PathLike, *,
+                       operative_config: str | None = None) -> dict[str, Any]:
+  """Trains (resuming from model_dir's latest checkpoint) and returns losses, curves, tokens and wall time.
+  `operative_config` (gin's text) is saved as MODEL_DIR/config.gin once the checks have passed."""
+  with run_dir.x64_context(model_config):  # 64-bit Engram hashing needs jax x64 (EngramConfig.hash_bits)
+    return _train_and_evaluate(model_config, run, model_dir, operative_config)
+
+
+def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str | os.PathLike,
+                        operative_config: str | None) -> dict[str, Any]:
   t_start = time.time()
   model_dir = Path(model_dir)
-  model_dir.mkdir(parents=True, exist_ok=True)
   if run.compute_dtype:
     model_config = dataclasses.replace(model_config, compute_dtype=run.compute_dtype)
   chief = jax.process_index() == 0
 
-  # --- mesh and input checks (before anything compiles)
+  # --- checks before anything is written or compiled: mesh, batch, model config
   mesh = sharding.make_mesh(run.mesh)
   check_batch_size(run.batch_size, mesh, run.mesh)
-  checkpointer = ckpt_lib.Checkpointer(model_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
-  checkpointer.check_model_config(model_config)
+  validate_config(model_config, mesh)
+  if model_dir.exists() and not model_dir.is_dir():
+    raise ValueError(f"MODEL_DIR={str(model_dir)!r} is a file; pass a directory (new or of an earlier run)")
 
   # --- data
   train_iter, val_batches = open_data(run, model_config.vocab_size)
   val_batches = [to_global(b, mesh) for b in val_batches]
-  model_config = resolve_compression(model_config, run, model_dir)
 
-  # --- model, optimizer, state (created sharded, or restored)
-  setup = make_setup(model_config, run.optimizer, run.steps, mesh)
+  # --- the run record: model, Engram compression map (data, not config), tokenizer. Built abstractly and checked
+  # against MODEL_DIR's record before anything is written there; then model, optimizer, jitted steps (compiled on
+  # first call, once per process for every MODEL_DIR of this model shape)
+  has_checkpoints = bool(ckpt_lib.finished_steps(model_dir / "checkpoints"))
+  record = run_dir.begin_run(model_dir, model_config, run, task_vocabulary(run), resolved_data_dir(run),
+                             has_checkpoints, mesh)
+  setup = make_setup(model_config, run.optimizer, run.steps, mesh, record.compression)
+  checkpointer = ckpt_lib.Checkpointer(model_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
   start = checkpointer.latest_step()
+  if chief and operative_config is not None:
+    save_operative_config(model_dir, operative_config, start or 0)
   if start is None:
     state, start = setup.init(jnp.int32(run.seed)), 0
   else:
@@ -170,14 +155,22 @@ def train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: str
   return result
 
 
+def save_operative_config(model_dir: Path, text: str, start: int) -> None:
+  """config.gin for the first session; a resumed session whose config differs gets config_step<start>.gin."""
+  path = model_dir / "config.gin"
+  if start and path.exists() and path.read_text() != text:
+    path = model_dir / f"config_step{start}.gin"
+  if not (start and path.exists()):
+    fileio.atomic_write(path, text)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   gin_files, bindings, args = cli.parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
   from engram_jax import configurables  # registers the library's classes with gin
   if args.distributed:
     cli.initialize_distributed()
   model_config, run, model_dir = configurables.resolve("train", gin_files, bindings, args.gin_search_path)
-  configurables.write_operative_config(model_dir)
-  return train_and_evaluate(model_config, run, model_dir)
+  return train_and_evaluate(model_config, run, model_dir, operative_config=configurables.operative_config())
 
 
 if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy

@@ -24,9 +24,10 @@ def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
   kind = Path(rel).parts[1]
   if kind == "models":
     model, run, _ = configurables.resolve("train", [rel, "configs/runs/pretrain.gin"], TRAIN_MACROS)
-  elif rel.endswith("runs/eval.gin"):
-    model, run, _, _ = configurables.resolve("evaluate", ["configs/models/engram_moe_tiny.gin", rel],
-                                             ["CHECKPOINT_PATH='/tmp/unused'"])
+  elif rel.endswith("runs/eval.gin"):  # no model: eval reads it from the run directory
+    path, config, _ = configurables.resolve("evaluate", [rel], ["CHECKPOINT_PATH='/tmp/unused'"])
+    assert path == "/tmp/unused" and config == configurables.EvalConfig()
+    return []
   elif kind == "runs":
     model, run, _ = configurables.resolve("train", ["configs/models/engram_moe_tiny.gin", rel], TRAIN_MACROS)
   elif "SweepConfig." in (REPO / rel).read_text():  # the sweep runner's files (also via include): one model per rho

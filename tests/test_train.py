@@ -1,7 +1,7 @@
 """End-to-end training on a tiny corpus made here: loss falls, resume is exact, the CLI runs, bad input fails early.
 
-One tiny Engram+MoE config is shared by the tests so its train step compiles once per process (steps.make_setup
-is cached per model/optimizer/steps/mesh).
+One tiny Engram+MoE config (tests/tiny_run.py) is shared by the tests so its train step compiles once per process;
+the corpus and the finished `straight` run are session fixtures (tests/conftest.py).
 """
 
 import json
@@ -11,52 +11,14 @@ import numpy as np
 import pytest
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import losses, optim, sharding, steps, train
+from engram_jax import losses, run_dir, sharding, steps, train
 from engram_jax.data.feed import open_data, to_global
 from engram_jax.run_config import RunConfig
-from engram_jax.layers.engram_config import EngramConfig
-from engram_jax.layers.moe_config import MoEConfig
-from engram_jax.models.config import ModelConfig
-from toy_corpus import build_toy_corpus  # tests/ is on sys.path (pytest rootdir-relative import)
-
-STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """~400 short documents of a 26-word language with a 300-piece SentencePiece vocabulary."""
-  data_dir = tmp_path_factory.mktemp("corpus")
-  manifest = build_toy_corpus(data_dir, num_docs=400, seed=0)
-  assert manifest["vocab"]["vocab_size"] <= 320
-  return str(data_dir)
-
-
-def tiny_model(**overrides) -> ModelConfig:
-  """configs/models/engram_moe_tiny.gin with the CLI test's overrides (so all tests share one compiled step)."""
-  base = dict(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dense_hidden=64,
-              num_dense_layers=1, tie_embeddings=True,
-              moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=32, dispatch="dropless",
-                            bias_update_rate=0.01),
-              engram_layers=(1,), engram=EngramConfig(max_ngram=3, heads_per_order=4, head_dim=8,
-                                                      table_base_sizes=(101, 101)))
-  return ModelConfig(**{**base, **overrides})
-
-
-def tiny_run(corpus, **overrides) -> RunConfig:
-  base = dict(steps=STEPS, batch_size=8, seq_len=32, eval_every=6, eval_batches=2, checkpoint_every=6, log_every=1,
-              data_dir=corpus, optimizer=optim.OptimizerConfig(learning_rate=3e-3, warmup_steps=2))
-  return RunConfig(**{**base, **overrides})
+from tiny_run import STEPS, tiny_model, tiny_run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
 def read_jsonl(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def straight(corpus, tmp_path_factory):
-  """STEPS uninterrupted steps of the tiny Engram+MoE model."""
-  model_dir = tmp_path_factory.mktemp("straight")
-  return model_dir, train.train_and_evaluate(tiny_model(), tiny_run(corpus), model_dir)
 
 
 def test_tiny_engram_moe_run_lowers_loss_and_logs(straight):
@@ -75,7 +37,7 @@ def test_tiny_engram_moe_run_lowers_loss_and_logs(straight):
   assert last["aux/balance_bias_norm"] > 0  # the balance bias moved outside the gradient
   gate = np.asarray(last["aux/engram_gate_mean"])  # [L_engram, G]
   assert gate.shape == (1, 1) and 0 < gate[0, 0] < 1
-  for name in ("loss_curve.png", "result.json", "checkpoints/model_config.json"):
+  for name in ("loss_curve.png", "result.json", "run_record.json", "tokenizer.model", "engram_compression.npy"):
     assert (model_dir / name).is_file(), name
   assert list((model_dir / "tb").glob("events.out.tfevents.*"))
   assert ckpt_lib.Checkpointer(model_dir / "checkpoints").all_steps() == [6, 12]
@@ -90,7 +52,8 @@ def test_resume_equals_uninterrupted(corpus, straight, tmp_path):
   assert second["start_step"] == STEPS // 2 and second["steps"] == STEPS
   assert second["train_curve"] == straight_result["train_curve"]  # every step's loss, bit for bit
   assert second["val_curve"] == straight_result["val_curve"]
-  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"))
+  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"),
+                           run_dir.read_record(straight_dir).compression)
   a, data_a = ckpt_lib.Checkpointer(straight_dir / "checkpoints").restore(STEPS, setup.abstract)
   b, data_b = ckpt_lib.Checkpointer(tmp_path / "checkpoints").restore(STEPS, setup.abstract)
   assert data_a == data_b
@@ -103,7 +66,8 @@ def test_train_step_moves_balance_biases_by_the_update_rule(corpus, straight):
   import jax
   from engram_jax.layers import moe
   model_dir, _ = straight
-  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"))
+  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"),
+                           run_dir.read_record(model_dir).compression)
   state, _ = ckpt_lib.Checkpointer(model_dir / "checkpoints").restore(STEPS, setup.abstract)
   bias = np.asarray(state["rest"]["blocks"][1]["ffn"]["bias"])  # [E]
   train_iter, _ = open_data(tiny_run(corpus), 320)
@@ -114,21 +78,20 @@ def test_train_step_moves_balance_biases_by_the_update_rule(corpus, straight):
   assert not np.array_equal(np.asarray(want), bias)
 
 
-def test_eval_of_checkpoints_reproduces_the_training_validation_losses(corpus, straight, tmp_path):
+def test_eval_of_checkpoints_reproduces_the_training_validation_losses(straight, tmp_path):
+  """No model config is given: eval rebuilds the model from the run directory and reads training's batches."""
   from engram_jax import eval as eval_lib
   model_dir, result = straight
-  latest = eval_lib.evaluate(tiny_model(), tiny_run(corpus), model_dir, tmp_path)
+  latest = eval_lib.evaluate(model_dir, output_dir=tmp_path)
   assert latest["step"] == STEPS and latest["val_loss"] == result["val_curve"][-1][1]
-  assert latest["val_perplexity"] == pytest.approx(math.exp(latest["val_loss"]))
-  middle = eval_lib.evaluate(tiny_model(), tiny_run(corpus), model_dir / "checkpoints" / "6", tmp_path)
+  assert latest["val_perplexity"] == pytest.approx(math.exp(latest["val_loss"])) and latest["val_batches"] == 2
+  middle = eval_lib.evaluate(model_dir / "checkpoints" / "6", output_dir=tmp_path)
   assert middle["step"] == 6 and middle["val_loss"] == dict(result["val_curve"])[6]
   assert json.loads((tmp_path / "eval_step6.json").read_text())["val_loss"] == middle["val_loss"]
   with pytest.raises(ValueError, match="no finished checkpoint 5"):
-    eval_lib.evaluate(tiny_model(), tiny_run(corpus), model_dir / "checkpoints" / "5")
-  with pytest.raises(ValueError, match="holds no checkpoints"):
-    eval_lib.evaluate(tiny_model(), tiny_run(corpus), tmp_path)
-  with pytest.raises(ValueError, match="different model config"):
-    eval_lib.evaluate(tiny_model(num_layers=3), tiny_run(corpus), model_dir)
+    eval_lib.evaluate(model_dir / "checkpoints" / "5")
+  with pytest.raises(ValueError, match="holds no run"):
+    eval_lib.evaluate(tmp_path)
 
 
 def test_engram_compression_comes_from_the_vocabulary_and_travels_with_the_checkpoint(corpus, straight):
@@ -137,7 +100,7 @@ def test_engram_compression_comes_from_the_vocabulary_and_travels_with_the_check
   from engram_jax import hashing
   from engram_jax.data import tasks
   model_dir, _ = straight
-  saved = np.load(model_dir / train.COMPRESSION_FILE)  # [V]
+  saved = np.load(model_dir / run_dir.COMPRESSION_FILE)  # [V]
   sp = tasks.get_vocabulary(tasks.CORPUS_TASK, corpus).tokenizer
   pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
   keys = np.unique([hashing.compression_key(p) for p in pieces], return_inverse=True)[1]  # [pieces]
@@ -145,7 +108,7 @@ def test_engram_compression_comes_from_the_vocabulary_and_travels_with_the_check
   assert saved.shape == (320,) and hashing.reduction_ratio(saved[:n]) > 0
   np.testing.assert_array_equal(saved[:n][:, None] == saved[:n][None, :], keys[:, None] == keys[None, :])
   assert len(set(saved[n:])) == 320 - n and not set(saved[n:]) & set(saved[:n])
-  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"))
+  setup = steps.make_setup(tiny_model(), tiny_run(corpus).optimizer, STEPS, sharding.make_mesh("data=-1"), saved)
   state, _ = ckpt_lib.Checkpointer(model_dir / "checkpoints").restore(STEPS, setup.abstract)
   np.testing.assert_array_equal(np.asarray(state["rest"]["blocks"][1]["engram"]["compression"]), saved)
 
@@ -169,7 +132,7 @@ def test_cli_two_steps_writes_operative_config(corpus, tmp_path):
       "--gin.OptimizerConfig.learning_rate=3e-3", "--gin.OptimizerConfig.warmup_steps=2",
       f"--gin.RunConfig.data_dir='{corpus}'", "--gin.RunConfig.eval_batches=1"])
   assert result["steps"] == 2 and result["final_val_loss"] < math.log(320) + 1
-  saved = json.loads((model_dir / "checkpoints" / ckpt_lib.CONFIG_FILE).read_text())
+  saved = json.loads((model_dir / run_dir.RECORD_FILE).read_text())["model_config"]
   assert saved == ckpt_lib.config_to_dict(tiny_model())  # the gin files + overrides built exactly this config
   operative = (model_dir / "config.gin").read_text()
   assert f"TRAIN_STEPS = {STEPS}" in operative and "ModelConfig.d_model = 32" in operative
@@ -180,13 +143,13 @@ def test_batch_not_divisible_by_mesh_fails_before_compiling(corpus, tmp_path):
   with pytest.raises(ValueError, match=r"RunConfig.batch_size=12 .* 8 data-parallel devices .*multiple of 8"):
     train.train_and_evaluate(tiny_model(), tiny_run(corpus, batch_size=12), tmp_path)
   with pytest.raises(ValueError, match=r"multiple of 4"):
-    train.train_and_evaluate(tiny_model(), tiny_run(corpus, batch_size=6, mesh="data=4,model=2"), tmp_path)
-  assert not (tmp_path / "checkpoints").exists()
+    train.train_and_evaluate(tiny_model(), tiny_run(corpus, batch_size=6, mesh="data=4,model=2"), tmp_path / "m")
+  assert not (tmp_path / "m").exists()
 
 
 def test_checkpoint_of_another_model_config_is_refused(corpus, straight):
   model_dir, _ = straight
-  with pytest.raises(ValueError, match=r"different model config:\n  d_model: 32 -> 48\nFix: .*new model_dir"):
+  with pytest.raises(ValueError, match=r"another model or data:\n  d_model: 32 -> 48\nFix: .*new MODEL_DIR"):
     train.train_and_evaluate(tiny_model(d_model=48), tiny_run(corpus, steps=2 * STEPS), model_dir)
 
 

@@ -6,6 +6,7 @@ Letters: B batch, S sequence.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,6 +28,20 @@ def check_batch_size(batch_size: int, mesh, spec: str) -> None:
         f"RunConfig.batch_size={batch_size} (BATCH_SIZE) is not divisible by the {n} data-parallel devices of mesh "
         f"{spec!r} (data x expert axes) or by the {jax.process_count()} processes; use a multiple of {n}, or change "
         "RunConfig.mesh.")
+
+
+def task_vocabulary(run: RunConfig):
+  """The seqio vocabulary of `run.task` (the corpus is prepared on first use)."""
+  from engram_jax.data import tasks  # imports TensorFlow (CPU only): never at library import time
+  return tasks.get_vocabulary(run.task, run.data_dir)
+
+
+def resolved_data_dir(run: RunConfig) -> str | None:
+  """The corpus directory `run.task` reads (absolute), or None for tasks without a local corpus (C4 on TFDS)."""
+  from engram_jax.data import prepare, tasks
+  if run.task == tasks.CORPUS_TASK:
+    return str(Path(run.data_dir or prepare.default_data_dir()).absolute())
+  return run.data_dir
 
 
 def open_data(run: RunConfig, vocab_size: int):

@@ -159,7 +159,8 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
       if os.path.exists(path):
         with open(path) as f:
           done = json.load(f)
-        if done["model_config"] != model_json:
+        saved = {k: v for k, v in done["model_config"].items() if k != "engram_compression_path"}  # older key
+        if saved != model_json:
           raise ValueError(f"{path} was trained with a different model config than this sweep plans for rho="
                            f"{alloc.rho_target}; use a new out_dir or delete that run")
         log(f"[{name}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")

@@ -24,7 +24,6 @@ class ModelConfig:
   moe: MoEConfig | None = None  # None: a dense model.
   engram_layers: tuple[int, ...] = ()  # 0-based block indices that get an Engram module before attention.
   engram: EngramConfig | None = None  # Required when engram_layers is non-empty.
-  engram_compression_path: str | None = None  # .npy map raw id -> compressed id (saved with a run); None: identity.
   hc_expansion: int = 1  # G hyper-connection branches (arXiv 2409.19606); 1 = plain residual stream.
   hc_variant: str = "hc"  # 'hc' (dynamic hyper-connections) or 'mhc' (manifold-constrained, doubly-stochastic mixing).
   hc_sinkhorn_iters: int = 20  # Only for 'mhc': Sinkhorn row/column normalisations of the residual mixing matrix.

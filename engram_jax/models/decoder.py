@@ -150,28 +150,32 @@ class DecodeCache:
 class Decoder(nnx.Module):
   """Decoder LM: (tokens [B, S] int32, ...) -> (logits [B, S, V] float32, aux dict)."""
 
-  def __init__(self, config: ModelConfig, mesh: Mesh | None = None, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, mesh: Mesh | None = None, *, compression: np.ndarray | None = None,
+               rngs: nnx.Rngs):
+    """compression: Engram's tokenizer-compression map raw id -> compressed id, np.int32 [V] (data, not config:
+    one model shape compiles once whatever run directory the map came from); None: the identity map."""
     validate_config(config, mesh)
     c = config
     self.config, self.mesh = c, mesh
     self.compute_dtype = COMPUTE_DTYPES[c.compute_dtype]
     # Initialisation: embeddings N(0, 1); every projection N(0, 1 / fan_in) (in the layer constructors).
     self.embed = sharding.param(jax.random.normal(rngs.params(), (c.vocab_size, c.d_model)), "vocab", "embed")
-    engrams = self._build_engram(rngs) if c.engram_layers else {}
+    engrams = self._build_engram(compression, rngs) if c.engram_layers else {}
     self.blocks = nnx.List([Block(c, i, mesh, engrams.get(i), rngs=rngs) for i in range(c.num_layers)])
     self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps)
     if not c.tie_embeddings:
       self.lm_head = sharding.param(
           jax.random.normal(rngs.params(), (c.d_model, c.vocab_size)) * c.d_model ** -0.5, "embed", "vocab")
 
-  def _build_engram(self, rngs):
+  def _build_engram(self, compression, rngs):
     from engram_jax import hashing  # Lazy: only Engram models need it.
     from engram_jax.layers.engram import build_engram_layers
     c = self.config
-    if c.engram_compression_path is None:
+    if compression is None:
       compression = hashing.identity_compression(c.vocab_size)
-    else:
-      compression = np.load(c.engram_compression_path)
+    elif np.shape(compression) != (c.vocab_size,):
+      raise ValueError(f"Decoder(compression=...): the map has shape {np.shape(compression)}, expected "
+                       f"[ModelConfig.vocab_size={c.vocab_size}] (one compressed id per raw id)")
     return build_engram_layers(c.engram, tuple(c.engram_layers), c.d_model, compression, self.mesh, rngs=rngs)
 
   def _constrain(self, x, *logical):
