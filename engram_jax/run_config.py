@@ -30,10 +30,16 @@ class RunConfig:
   # 'vocab' merges the task vocabulary's pieces that normalise alike and saves the map to
   # MODEL_DIR/engram_compression.npy; 'none' hashes raw ids (identity map).
   engram_compression: str = "vocab"
+  # In-loop benchmark evaluation (the evals package, evals/inloop.py): these tasks (e.g. ('arc_easy', 'hellaswag',
+  # 'lambada')) every inloop_every steps and at the end; bits per byte and the primary accuracy go to
+  # metrics.jsonl and TensorBoard as eval/<task>/<metric>. () = off.
+  inloop_tasks: tuple[str, ...] = ()
+  inloop_every: int = 500
+  inloop_limit: int | None = 200  # Documents per task (the same seeded subset every time); None = all.
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
-                 "keep_checkpoints", "log_every"):
+                 "keep_checkpoints", "log_every", "inloop_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"RunConfig.{name}={getattr(self, name)} must be >= 1")
     if self.compute_dtype not in (None, "float32", "bfloat16"):

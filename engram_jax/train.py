@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import cli, fileio, optim, run_dir, sharding
@@ -92,6 +93,16 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   if chief:
     print(f"model_dir {model_dir} | mesh {dict(mesh.shape)} | params {sizes} | start step {start}", flush=True)
 
+  # --- in-loop benchmarks (optional: the evals package is imported only when RunConfig.inloop_tasks names tasks)
+  inloop = None
+  if run.inloop_tasks and chief:
+    if record.tokenizer_path is None:
+      raise ValueError(f"RunConfig.inloop_tasks needs the task's SentencePiece model in MODEL_DIR; task {run.task!r} "
+                       "has none (set inloop_tasks=())")
+    from evals.inloop import InLoopEval
+    inloop = InLoopEval(tuple(run.inloop_tasks), record.tokenizer_path, run.seq_len, limit=run.inloop_limit,
+                        batch_size=run.batch_size)
+
   # --- loop
   stop = run.stop_after or run.steps
   tokens_per_step = run.batch_size * run.seq_len
@@ -130,6 +141,11 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
       logger.write(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))},
                    f"step {step}/{stop} | validation loss {val:.4f} | perplexity {math.exp(min(val, 50.0)):.1f}")
       t_window = time.time()  # evaluation time is not training throughput
+    if inloop is not None and (step % run.inloop_every == 0 or step == stop):
+      scores = inloop(nnx.merge(setup.graphdef, state["params"], state["rest"]))
+      logger.write(step, scores, f"step {step}/{stop} | in-loop " + " | ".join(
+          f"{k[5:]} {v:.3f}" for k, v in scores.items() if k != "eval/seconds"))
+      t_window = time.time()
     if step % run.checkpoint_every == 0 or step == stop:
       checkpointer.save(step, state, train_iter.state())
 
@@ -152,6 +168,8 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   if chief:
     plot_curves(model_dir / "loss_curve.png", train_curve, val_curve, model_dir.name)
     (model_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"evaluate: python -m evals.run --gin.CHECKPOINT_PATH=\"'{model_dir}'\" --gin.SUITE=quick "
+          "(or SUITE=standard / engram_off / analysis; see README, Evaluate)", flush=True)
   return result
 
 
