@@ -19,12 +19,12 @@ def _figure(w: float, h: float):
 
 
 def _save(plt, fig, path: Path) -> Path:
+  import io
   fig.tight_layout()
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=120)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
-  tmp.replace(path)
-  return path
+  return atomic_write(path, buf.getvalue())
 
 
 def scores_png(path: Path, tasks: dict[str, dict], title: str) -> Path:

