@@ -12,20 +12,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import gin
-
-from engram_jax import cli, configurables
+from engram_jax import cli, configurables, run_dir
+from evals.configurables import eval_suite_args
 from evals.loading import load
-from evals.suite import SuiteConfig, run_suite
-
-gin.external_configurable(SuiteConfig, module="evals")
-
-
-@gin.configurable("eval_suite", module="evals")
-def eval_suite_args(checkpoint_path: str = gin.REQUIRED, suite: SuiteConfig = gin.REQUIRED,
-                    output_dir: str | None = None):
-  """What `python -m evals.run` runs: (checkpoint path, suite, output dir or None for DIR/evals/step_<N>)."""
-  return checkpoint_path, suite, output_dir
+from evals.suite import run_suite
 
 
 def _suite_file(argv: Sequence[str]) -> str:
@@ -69,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   loaded = load(checkpoint_path)
   print(f"{loaded.model_dir} step {loaded.step}: suite {suite.name}, {len(suite.tasks)} tasks, window "
         f"{suite.seq_len or loaded.seq_len}", flush=True)
-  return run_suite(loaded, suite, output_dir)
+  with run_dir.x64_context(loaded.model_config):  # 64-bit Engram hashing needs jax x64 while the model runs
+    return run_suite(loaded, suite, output_dir)
 
 
 if __name__ == "__main__":  # run the importable module's main, so gin sees a single copy of the configurables

@@ -199,7 +199,8 @@ def run_suite(loaded: Loaded, suite: SuiteConfig, output_dir: str | Path | None 
         entry["retained"]["bpb_delta"] = m_off["bpb"]["value"] - m["bpb"]["value"]
       tasks[data.spec.name] = entry
       p = data.spec.primary
-      log(f"{data.spec.name}: {p} {m[p]['value']:.4f} ± {m[p]['stderr']:.4f} | bpb {m['bpb']['value']:.3f} | "
+      bpb = "" if p == "bpb" else f" | bpb {m['bpb']['value']:.3f}"
+      log(f"{data.spec.name}: {p} {m[p]['value']:.4f} ± {m[p]['stderr']:.4f}{bpb} | "
           f"{m['docs']} docs, {len(enc.tokens)} requests, {stats['tokens_per_s']:,.0f} tokens/s | "
           f"{time.time() - t_task:.1f} s")
   results = {"checkpoint": str(loaded.model_dir), "step": loaded.step, "suite": dataclasses.asdict(suite),
