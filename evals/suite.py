@@ -125,14 +125,12 @@ def _analyses(loaded: Loaded, suite: SuiteConfig, tok: Tokenizer, seq_len: int, 
   rows = validation_rows(loaded, tok, seq_len, suite.analysis_rows)
   label = lambda ld: f"{ld.model_dir.name} step {ld.step}"  # noqa: E731
   streams = {label(loaded): analysis.run_streams(analysis.make_stream_fn(loaded.model), rows, suite.batch_size)}
-  others = []
   if suite.logit_lens or suite.cka:
     for path in suite.compare:
       other = loading.load(path)
       if Path(other.tokenizer_path).read_bytes() != Path(loaded.tokenizer_path).read_bytes():
         raise ValueError(f"SuiteConfig.compare: {path} uses another tokenizer; LogitLens / CKA compare models on the "
                          "same tokens")
-      others.append(other)
       name = label(other) if label(other) not in streams else f"{label(other)} ({len(streams) + 1})"
       streams[name] = analysis.run_streams(analysis.make_stream_fn(other.model), rows, suite.batch_size)
   names = list(streams)
