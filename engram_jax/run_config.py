@@ -28,20 +28,25 @@ class RunConfig:
   task: str = "engram_corpus_en"  # Data task (MIXTURE_OR_TASK_NAME).
   data_dir: str | None = None  # Corpus directory; None: $ENGRAM_DATA_DIR or ~/.cache/engram_jax/corpus.
   stop_after: int | None = None  # Stop (and checkpoint) at this step although the schedule spans `steps`.
-  # Engram tokenizer compression (paper section 2.2) when ModelConfig.engram_compression_path is unset:
-  # 'vocab' merges the task vocabulary's pieces that normalise alike and saves the map to
+  # Engram tokenizer compression (paper section 2.2): 'vocab' merges the task vocabulary's pieces that normalise alike and saves the map to
   # MODEL_DIR/engram_compression.npy; 'none' hashes raw ids (identity map).
   engram_compression: str = "vocab"
   # A non-finite loss or gradient (engram_jax.guard): 'stop' ends the run with an error naming the step and the
   # parameter group, never saving the bad state; 'skip_step' keeps the previous state for that step and goes on.
   on_nonfinite: str = "stop"
+  # In-loop benchmark evaluation (the evals package, evals/inloop.py): these tasks (e.g. ('arc_easy', 'hellaswag',
+  # 'lambada')) every inloop_every steps and at the end; bits per byte and the primary accuracy go to
+  # metrics.jsonl and TensorBoard as eval/<task>/<metric>. () = off.
+  inloop_tasks: tuple[str, ...] = ()
+  inloop_every: int = 500
+  inloop_limit: int | None = 200  # Documents per task (the same seeded subset every time); None = all.
 
   def __post_init__(self):
     check_types(self)
     if self.seed < 0:
       raise ValueError(f"RunConfig.seed={self.seed} must be >= 0 (it seeds jax.random and numpy)")
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
-                 "keep_checkpoints", "log_every"):
+                 "keep_checkpoints", "log_every", "inloop_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"RunConfig.{name}={getattr(self, name)} must be >= 1")
     if self.compute_dtype not in (None, "float32", "bfloat16"):

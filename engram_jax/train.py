@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import cli, fileio, guard, optim, run_dir
@@ -101,6 +102,16 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
     print(f"model_dir {model_dir} | {session} | mesh {dict(mesh.shape)} | params {sizes} | "
           f"{len(val_batches)} validation batches", flush=True)
 
+  # --- in-loop benchmarks (optional: the evals package is imported only when RunConfig.inloop_tasks names tasks)
+  inloop = None
+  if run.inloop_tasks and chief:
+    if record.tokenizer_path is None:
+      raise ValueError(f"RunConfig.inloop_tasks needs the task's SentencePiece model in MODEL_DIR; task {run.task!r} "
+                       "has none (set inloop_tasks=())")
+    from evals.inloop import InLoopEval
+    inloop = InLoopEval(tuple(run.inloop_tasks), record.tokenizer_path, run.seq_len, limit=run.inloop_limit,
+                        batch_size=run.batch_size)
+
   # --- loop (every exit path waits for in-flight saves and closes the logs)
   tokens_per_step = run.batch_size * run.seq_len
   pending, skipped, val = [], 0, None  # pending: (step, device metrics) since the last log line
@@ -142,6 +153,11 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
         logger.write(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))},
                      f"step {step}/{stop} | validation loss {val:.4f} | perplexity {math.exp(min(val, 50.0)):.1f}")
         t_window = time.time()  # evaluation time is not training throughput
+      if inloop is not None and (step % run.inloop_every == 0 or step == stop):
+        scores = inloop(nnx.merge(setup.graphdef, state["params"], state["rest"]))
+        logger.write(step, scores, f"step {step}/{stop} | in-loop " + " | ".join(
+            f"{k[5:]} {v:.3f}" for k, v in scores.items() if k != "eval/seconds"))
+        t_window = time.time()
       if step % run.checkpoint_every == 0 or step == stop:
         if run.on_nonfinite == "stop":
           check_finite(pending, run, setup)
@@ -173,6 +189,8 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
       result["tokens_per_s"] = previous_result(model_dir).get("tokens_per_s")
     plot_curves(model_dir / "loss_curve.png", train_curve, val_curve, model_dir.name)
     write_result(model_dir, result)
+    print(f"evaluate: python -m evals.run --gin.CHECKPOINT_PATH=\"'{model_dir}'\" --gin.SUITE=quick "
+          "(or SUITE=standard / engram_off / analysis; see README, Evaluate)", flush=True)
   return result
 
 

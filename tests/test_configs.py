@@ -13,7 +13,9 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.decoder import Decoder
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_GIN = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.gin"))
+# configs/evals/ holds eval suites (python -m evals.run), built by tests/test_evals_run.py.
+ALL_GIN = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.gin")
+                 if p.parent.name != "evals")
 TRAIN_MACROS = ["MODEL_DIR='/tmp/unused'", "TRAIN_STEPS=10"]
 
 

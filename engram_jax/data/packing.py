@@ -97,6 +97,36 @@ def shuffled_documents(
   return documents_fn
 
 
+def mixed_documents(
+  sources: Sequence[Sequence[np.ndarray]], rates: Sequence[float], seed: int, *, shard_index: int = 0,
+  num_shards: int = 1
+) -> Callable[[int], Iterator[np.ndarray]]:
+  """Document-level mixture -> `documents_fn(epoch)`: each document comes from source k with probability
+  rates[k] / sum(rates); each source is walked in a fresh permutation, reshuffled when it runs out. An epoch ends
+  when the source with the largest rate has been fully used once. Deterministic per (seed, epoch)."""
+  if len(sources) != len(rates) or not sources or min(rates) <= 0 or not all(len(s) for s in sources):
+    raise ValueError("mixed_documents: one rate > 0 per non-empty source is required")
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+  p = np.asarray(rates, np.float64) / np.sum(rates)
+  main = int(np.argmax(p))
+
+  def documents_fn(epoch: int) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng([seed, epoch, 1])
+    orders = [rng.permutation(len(s)) for s in sources]
+    pos = [0] * len(sources)
+    picks = []
+    while pos[main] < len(sources[main]):
+      k = int(rng.choice(len(sources), p=p))
+      if pos[k] == len(sources[k]):
+        orders[k], pos[k] = rng.permutation(len(sources[k])), 0
+      picks.append((k, int(orders[k][pos[k]])))
+      pos[k] += 1
+    return (sources[k][i] for k, i in picks[shard_index::num_shards])
+
+  return documents_fn
+
+
 class PackedBatches:
   """Iterator of packed batches {'targets', 'segment_ids', 'positions'}: [B, S] int32 numpy arrays.
 

@@ -7,6 +7,11 @@ Tasks (features: {'targets': int32 SentencePiece ids + EOS}):
   c4_en_pretrain    TFDS `c4/en:3.1.0` (train / validation), T5's 32k vocabulary by default. Registered here, run
                     on a pod: it needs the prepared TFDS data (or GCS) and is never downloaded by tests.
 Tokenized documents are not truncated; `PackedBatches` packs them into [B, S] rows (concat-then-chunk).
+
+Besides: in-memory text tasks (`register_documents_task`, e.g. synthetic documents), document-level mixtures of
+in-memory tasks (`register_mixture`: a seqio Mixture; `get_dataset` samples documents by rate in numpy), and
+task factories (`register_task_factory`: a name prefix -> a function that registers the task on first use, so a
+run config can name e.g. a mixture that a module imported from a gin file knows how to build).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ SKIP_OK, SKIP_EMPTY, SKIP_NON_UTF8 = 0, 1, 2
 
 _REGISTERED: dict[str, tuple] = {}  # task name -> what it was registered with (to re-register on change)
 _CORPUS_TASKS: set[str] = set()  # tasks small enough to tokenize once and keep in memory
+_MIXTURES: dict[str, tuple[tuple[str, float], ...]] = {}  # mixture name -> (in-memory task, rate) pairs
+_FACTORIES: dict[str, object] = {}  # task-name prefix -> fn(name, data_dir) that registers that task or mixture
 
 
 def _cpu_only() -> None:
@@ -119,16 +126,64 @@ def register_c4_task(
   )
 
 
+def register_documents_task(name: str, documents, vocab_path: str, key: tuple,
+                            splits: tuple[str, ...] = ("train", "validation")) -> seqio.Task:
+  """An in-memory text task: `documents(split)` -> list of document strings, tokenized with the SentencePiece
+  model at `vocab_path` (EOS appended). `key` identifies the content (re-registering with another key replaces
+  the task)."""
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    docs = list(documents(split))
+    return tf.data.Dataset.from_tensor_slices({"targets": docs, "skip": np.zeros(len(docs), np.int32)})
+
+  task = _register(name, (str(vocab_path), *key), source=seqio.FunctionDataSource(dataset_fn, splits),
+                   output_features=_output_features(str(vocab_path)),
+                   preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos])
+  _CORPUS_TASKS.add(name)
+  return task
+
+
+def register_mixture(name: str, components) -> seqio.Mixture:
+  """A document-level mixture of registered in-memory tasks: components [(task name, rate), ...]; a document
+  comes from a task with probability rate / sum(rates). Registered as a seqio Mixture (for its vocabulary and
+  tools); `get_dataset` mixes in numpy, deterministically per (seed, epoch)."""
+  components = tuple((str(t), float(r)) for t, r in components)
+  bad = [t for t, r in components if t not in _CORPUS_TASKS or r <= 0]
+  if bad:
+    raise ValueError(f"register_mixture({name!r}): {bad} are not registered in-memory tasks with a rate > 0; "
+                     "register them first (register_corpus_task / register_documents_task)")
+  if name in seqio.MixtureRegistry.names():
+    if _MIXTURES.get(name) == components:
+      return seqio.MixtureRegistry.get(name)
+    if name not in _MIXTURES:
+      raise ValueError(f"A seqio mixture named {name!r} was registered outside engram_jax; pass another name")
+    seqio.MixtureRegistry.remove(name)
+  mixture = seqio.MixtureRegistry.add(name, list(components))
+  _MIXTURES[name] = components
+  return mixture
+
+
+def register_task_factory(prefix: str, factory) -> None:
+  """`factory(task_name, data_dir)` registers any task or mixture whose name starts with `prefix`, on first use."""
+  _FACTORIES[prefix] = factory
+
+
 def _get_task(task_name: str, data_dir) -> seqio.Task:
   if task_name == CORPUS_TASK:  # always re-resolved: data_dir (or $ENGRAM_DATA_DIR) may differ between calls
     return register_corpus_task(data_dir)
+  for prefix, factory in _FACTORIES.items():  # re-resolved too: the factory knows its data_dir dependence
+    if task_name.startswith(prefix):
+      factory(task_name, data_dir)
   if task_name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(task_name)
+  if task_name in seqio.MixtureRegistry.names():
+    return seqio.MixtureRegistry.get(task_name)
   if task_name == C4_TASK:
     return register_c4_task()
   raise ValueError(
     f"task_name={task_name!r} is not a registered seqio task; use {CORPUS_TASK!r}, {C4_TASK!r} "
-    "or register it first (register_corpus_task(data_dir, name=...))."
+    "or register it first (register_corpus_task(data_dir, name=...)); a mixture's module may need importing "
+    f"(e.g. 'import evals.mixtures' in the gin file; known factory prefixes: {sorted(_FACTORIES)})."
   )
 
 
@@ -195,6 +250,11 @@ def get_dataset(
     docs = list(tokenized_documents(task, split, skipped=skipped))
     documents_fn = packing.shuffled_documents(docs, seed, shard_index=shard_index, num_shards=num_shards)
     info = {"docs": len(docs), "tokens": int(sum(d.size for d in docs))}
+  elif task_name in _MIXTURES:
+    names, rates = zip(*_MIXTURES[task_name])
+    sources = [list(tokenized_documents(seqio.TaskRegistry.get(t), split, skipped=skipped)) for t in names]
+    documents_fn = packing.mixed_documents(sources, rates, seed, shard_index=shard_index, num_shards=num_shards)
+    info = {"docs": {t: len(d) for t, d in zip(names, sources)}, "rates": dict(zip(names, rates))}
   else:
     shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
 

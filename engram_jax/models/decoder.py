@@ -96,9 +96,11 @@ class Block(nnx.Module):
     else:
       self.ffn = SwiGLU(c.d_model, c.dense_hidden, compute_dtype=dt, rngs=rngs)
 
-  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids=None, rows=None):
+  def __call__(self, h, tokens, positions, segment_ids, token_mask, hash_ids=None, rows=None, engram_on=True):
     if self.engram is not None:
-      h = h + self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids, rows=rows).astype(h.dtype)
+      y = self.engram(h, tokens, segment_ids=segment_ids, hash_ids=hash_ids, rows=rows)
+      if engram_on:  # off: Engram still runs (its gate statistics stay real) but adds nothing to the stream
+        h = h + y.astype(h.dtype)
     x, ctx = self.attn_hc.read(h)  # [B, S, D]
     h = self.attn_hc.write(ctx, self.attn(self.attn_norm(x), positions, segment_ids))  # [B, S, G, D]
     return self._ffn(h, token_mask)
@@ -128,6 +130,10 @@ class Block(nnx.Module):
 
 def _block_apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids, rows):
   return block(h, tokens, positions, segment_ids, token_mask, hash_ids, rows)
+
+
+def _block_apply_engram_off(block, h, tokens, positions, segment_ids, token_mask, hash_ids, rows):
+  return block(h, tokens, positions, segment_ids, token_mask, hash_ids, rows, engram_on=False)
 
 
 @jax.tree_util.register_dataclass
@@ -182,25 +188,38 @@ class Decoder(nnx.Module):
                                                                                                   mesh=self.mesh)))
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-               engram_hash_ids: dict[int, jax.Array] | None = None, engram_rows: dict[int, jax.Array] | None = None):
+               engram_hash_ids: dict[int, jax.Array] | None = None, engram_rows: dict[int, jax.Array] | None = None,
+               *, engram_off: tuple[int, ...] = (), return_hidden: bool = False):
     """tokens [B, S] int32; segment_ids [B, S] (0 = padding, excluded from MoE load statistics; positions
     default to restarting at each segment); engram_hash_ids: per Engram layer, precomputed per-head row ids (else
     hashed in-graph); engram_rows: per Engram layer, the table rows already gathered [B, S, H, d] (the table is
-    then not read). Returns logits [B, S, V] float32 and aux (see `_aux`)."""
+    then not read). engram_off: Engram layers whose output is zeroed (the model then equals one whose value
+    projection W_V is zero in those layers). return_hidden: aux also gets 'hidden' [L+1, B, S, D] (the residual
+    stream summed over branches: after the embedding, then after each block) and 'engram_gates' {layer: [B, S, G]}
+    (per-token gates). Returns logits [B, S, V] float32 and aux (see `_aux`)."""
     c = self.config
+    bad = sorted(set(engram_off) - set(c.engram_layers))
+    if bad:
+      raise ValueError(f"engram_off={tuple(engram_off)}: {bad} are not Engram layers; choose from "
+                       f"ModelConfig.engram_layers={tuple(c.engram_layers)}")
     tokens = tokens.astype(jnp.int32)
     if positions is None:
       positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
                    if segment_ids is None else segment_positions(segment_ids))
     token_mask = None if segment_ids is None else segment_ids != 0
     h = self._embed(tokens)  # [B, S, G, D]
-    apply = nnx.remat(_block_apply) if c.remat else _block_apply
-    moe_metrics, gates = [], []
+    moe_metrics, gates, hidden, gate_maps = [], [], [jnp.sum(h, axis=2)], {}
     for i, block in enumerate(self.blocks):
       hash_ids = None if engram_hash_ids is None else engram_hash_ids.get(i)
       rows = None if engram_rows is None else engram_rows.get(i)
-      h, metrics = apply(block, h, tokens, positions, segment_ids, token_mask, hash_ids, rows)
+      if return_hidden and block.engram is not None:
+        gate_maps[i] = block.engram.gates(h, tokens, segment_ids, hash_ids, rows)  # [B, S, G]
+      fn = _block_apply_engram_off if i in engram_off else _block_apply
+      h, metrics = (nnx.remat(fn) if c.remat else fn)(block, h, tokens, positions, segment_ids, token_mask,
+                                                       hash_ids, rows)
       h = self._constrain(h, "batch", "sequence", "branches", "embed")
+      if return_hidden:
+        hidden.append(jnp.sum(h, axis=2))  # [B, S, D]
       if metrics is not None:
         moe_metrics.append(metrics)
       if block.engram is not None:
@@ -209,6 +228,9 @@ class Decoder(nnx.Module):
     aux = self._aux(moe_metrics)
     if gates:
       aux["engram_gate_mean"] = jnp.stack(gates)  # [L_engram, G], layers in config.engram_layers' sorted order
+    if return_hidden:
+      aux["hidden"] = jnp.stack(hidden)  # [L+1, B, S, D]
+      aux["engram_gates"] = gate_maps
     return logits, aux
 
   def _embed(self, tokens):
@@ -219,8 +241,13 @@ class Decoder(nnx.Module):
 
   def _logits(self, h):
     """Stream h [B, S, G, D] -> sum of branches -> RMSNorm -> LM head -> logits [B, S, V] float32."""
+    return self.head(jnp.sum(h, axis=2))
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """Final RMSNorm and LM head on a stream summed over branches: x [B, S, D] -> logits [B, S, V] float32
+    (applied to an intermediate layer's stream, this is the LogitLens early exit)."""
     c = self.config
-    x = self.final_norm(jnp.sum(h, axis=2))  # [B, S, D]
+    x = self.final_norm(x)  # [B, S, D]
     head = self.embed[...].T * c.d_model ** -0.5 if c.tie_embeddings else self.lm_head[...]  # [D, V]
     dt = self.compute_dtype
     logits = jnp.einsum("bsd,dv->bsv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
