@@ -28,8 +28,8 @@ class RunConfig:
   task: str = "engram_corpus_en"  # Data task (MIXTURE_OR_TASK_NAME).
   data_dir: str | None = None  # Corpus directory; None: $ENGRAM_DATA_DIR or ~/.cache/engram_jax/corpus.
   stop_after: int | None = None  # Stop (and checkpoint) at this step although the schedule spans `steps`.
-  # Engram tokenizer compression (paper section 2.2): 'vocab' merges the task vocabulary's pieces that normalise alike and saves the map to
-  # MODEL_DIR/engram_compression.npy; 'none' hashes raw ids (identity map).
+  # Engram tokenizer compression (paper section 2.2): 'vocab' merges the task vocabulary's pieces that normalise
+  # alike (the map is saved in the run directory); 'none' hashes raw ids (identity map).
   engram_compression: str = "vocab"
   # A non-finite loss or gradient (engram_jax.guard): 'stop' ends the run with an error naming the step and the
   # parameter group, never saving the bad state; 'skip_step' keeps the previous state for that step and goes on.
