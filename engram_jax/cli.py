@@ -82,6 +82,29 @@ BUDGET = Entry(
     (("SEQ_LEN", "tokens per row for FLOPs/token"),),
     configurables="SweepConfig.*, " + CONFIGURABLES,
     examples=("python -m engram_jax.budget --gin_file=configs/experiments/budget_6e20.gin",))
+_SERVING_MACROS = (
+    ("CHECKPOINT_PATH", "(required) a MODEL_DIR, its checkpoints/ or checkpoints/<step>"),
+    ("CONTEXT", "KV-cache slots per row (None: the run's training sequence length)"),
+    ("MESH", "mesh spec, e.g. 'data=2' (None: one device)"),
+    ("ROW_COUNTS", "row frequencies for the hot-row cache (python -m engram_jax.count_rows)"))
+GENERATE = Entry(
+    "python -m engram_jax.generate", "serving",
+    "Generate text from a checkpoint, streamed to the terminal, then tokens/s. Own flags: --prompt TEXT "
+    "(repeatable: one batch), --max_new_tokens, --temperature (0: greedy), --top_k, --top_p, --seed, --stop.",
+    _SERVING_MACROS, configurables="DecodeConfig.*, ServeConfig.*", default_gin_files=("configs/runs/generate.gin",),
+    examples=("python -m engram_jax.generate --gin.CHECKPOINT_PATH=\"'/tmp/engram_quickstart'\" --prompt 'The king'",))
+SERVE = Entry(
+    "python -m engram_jax.serve", "serving",
+    "OpenAI-compatible completions server for a checkpoint. Own flags: --host (default 127.0.0.1), --port, "
+    "--model_name; ENGRAM_API_KEY or ServeConfig.api_key requires a bearer key.",
+    _SERVING_MACROS, configurables="DecodeConfig.*, ServeConfig.*", default_gin_files=("configs/runs/generate.gin",),
+    examples=("python -m engram_jax.serve --gin.CHECKPOINT_PATH=\"'/tmp/engram_quickstart'\" --port 8000",))
+COUNT_ROWS = Entry(
+    "python -m engram_jax.count_rows", "serving",
+    "Row frequencies of a run's Engram tables over its training split (for the hot-row cache). Own flags: "
+    "--max_tokens (default 20M), --out FILE.npz (default MODEL_DIR/row_counts.npz).",
+    _SERVING_MACROS[:1], configurables="DecodeConfig.*, ServeConfig.*", default_gin_files=("configs/runs/generate.gin",),
+    examples=("python -m engram_jax.count_rows --gin.CHECKPOINT_PATH=\"'/tmp/engram_quickstart'\"",))
 ENTRIES = {e.kind if e is not BUDGET else "budget": e for e in (TRAIN, EVAL, SWEEP, BUDGET)}
 
 

@@ -5,6 +5,9 @@ The only library module that imports gin. Gin files bind:
   train.model_config / train.run / train.model_dir                  (python -m engram_jax.train)
   evaluate.checkpoint_path / evaluate.config / evaluate.output_dir   (python -m engram_jax.eval)
   sparsity_allocation.sweep / .run / .out_dir                        (the sweep and python -m engram_jax.budget)
+  serving.checkpoint_path / .config / .context / .mesh / .row_counts / .server
+                                              (python -m engram_jax.generate / engram_jax.serve; DecodeConfig.*,
+                                               ServeConfig.* are registered only when they are parsed)
 T5X-style macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, MIXTURE_OR_TASK_NAME, CHECKPOINT_PATH, OUT_DIR) are
 declared in the gin files and overridden on the command line with --gin.NAME=VALUE; a macro the files do not
 declare is an error (a misspelling would otherwise be silently ignored).
@@ -52,7 +55,28 @@ def sweep_args(sweep: SweepConfig = gin.REQUIRED, run: RunConfig | None = None, 
   return sweep, run, out_dir
 
 
+def _register_serving():
+  """Registers DecodeConfig, ServeConfig and `serving` (once): the serving modules (and their web stack) are imported
+  only by the entry points that serve."""
+  if "serving" in KINDS:
+    return
+  from engram_jax.decode import DecodeConfig
+  from engram_jax.serve import ServeConfig
+  gin.external_configurable(DecodeConfig, module="engram_jax")
+  gin.external_configurable(ServeConfig, module="engram_jax")
+
+  @gin.configurable("serving", module="engram_jax")
+  def serving_args(checkpoint_path: str = gin.REQUIRED, config: DecodeConfig = DecodeConfig(),
+                   context: int | None = None, mesh: str | None = None, row_counts: str | None = None,
+                   server: ServeConfig = ServeConfig()):
+    """What generate / serve load: (checkpoint path, decode config, context, mesh spec, row counts path, server)."""
+    return checkpoint_path, config, context, mesh, row_counts, server
+
+  KINDS["serving"] = serving_args
+
+
 KINDS = {"train": train_args, "evaluate": eval_args, "sparsity_allocation": sweep_args}
+LAZY_KINDS = {"serving": _register_serving}
 
 
 class GinConfigError(ValueError):
@@ -106,7 +130,10 @@ def resolve(kind: str, gin_files: Sequence[str], bindings: Sequence[str] = (), s
             entry=None):
   """Parses the config and builds the entry point's arguments: 'train' -> (model, run, model_dir); 'evaluate' ->
   (checkpoint_path, eval config, output_dir); 'sparsity_allocation' -> (sweep, run or None, out_dir or None).
-  Config errors (unknown names, missing macros, bad field values) raise GinConfigError."""
+  'serving' -> (checkpoint_path, decode config, context, mesh, row_counts, server). Config errors (unknown names,
+  missing macros, bad field values) raise GinConfigError."""
+  if kind in LAZY_KINDS:
+    LAZY_KINDS[kind]()
   parse(gin_files, bindings, search_paths, entry)
   try:
     return KINDS[kind]()

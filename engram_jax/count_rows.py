@@ -34,11 +34,11 @@ def documents(batches, max_tokens: int) -> Iterator[np.ndarray]:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-  from engram_jax import generate
+  from engram_jax import cli, generate
   from engram_jax.data import tasks
   from engram_jax.run_dir import load_model
 
-  (checkpoint_path, *_), rest = generate.resolve(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
+  (checkpoint_path, *_), rest = generate.resolve(sys.argv[1:] if argv is None else argv, cli.COUNT_ROWS)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--max_tokens", type=int, default=20_000_000, help="tokens of the training split to count")
   p.add_argument("--out", default=None, help="output .npz (default: MODEL_DIR/row_counts.npz)")

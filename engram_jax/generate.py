@@ -20,24 +20,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-import gin
-
 from engram_jax import cli
 from engram_jax.decode import DecodeConfig, Engine, Request, SamplingParams, SentencePieceTokenizer, engine_summary
-from engram_jax.serve import ServeConfig
-
-DEFAULT_GIN = "configs/runs/generate.gin"
-
-gin.external_configurable(DecodeConfig, module="engram_jax")
-gin.external_configurable(ServeConfig, module="engram_jax")
-
-
-@gin.configurable("serving", module="engram_jax")
-def serving_args(checkpoint_path: str = gin.REQUIRED, config: DecodeConfig = DecodeConfig(),
-                 context: int | None = None, mesh: str | None = None, row_counts: str | None = None,
-                 server: ServeConfig = ServeConfig()):
-  """What generate / serve load: (checkpoint path, decode config, context, mesh spec, row counts path, server)."""
-  return checkpoint_path, config, context, mesh, row_counts, server
 
 
 def load_engine(checkpoint_path: str, config: DecodeConfig, context: int | None = None, mesh_spec: str | None = None,
@@ -64,26 +48,23 @@ def load_engine(checkpoint_path: str, config: DecodeConfig, context: int | None 
   return Engine(model, config, mesh=mesh, tokenizer=tokenizer, row_counts=counts), tokenizer, record
 
 
-def resolve(argv: Sequence[str], description: str, default_gin: str = DEFAULT_GIN):
-  """--gin flags of the project's one CLI layer -> serving_args; other flags are returned as `rest`."""
+def resolve(argv: Sequence[str], entry: cli.Entry = cli.GENERATE):
+  """The gin flags of the project's one CLI layer -> the `serving` arguments (checkpoint path, decode config,
+  context, mesh, row counts, server config); the entry point's own flags are returned as `rest`."""
   from engram_jax import configurables
 
   argv = list(argv)
-  gin_flags = [a for a in argv if a.startswith("--gin") or a == "--distributed"]
+  gin_flags = [a for a in argv if a.startswith("--gin") or a in ("--distributed", "-h", "--help")]
   rest = [a for a in argv if a not in gin_flags]
-  gin_files, bindings, args = cli.parse_flags(gin_flags, description, default_gin_files=[default_gin])
+  gin_files, bindings, args = cli.parse_flags(gin_flags, entry)
   if args.distributed:
     cli.initialize_distributed()
-  configurables.parse(gin_files, bindings, args.gin_search_path)
-  try:
-    return serving_args(), rest
-  except (ValueError, TypeError) as e:
-    raise configurables.GinConfigError(f"{e}\nFix: set CHECKPOINT_PATH with --gin.CHECKPOINT_PATH=DIR") from None
+  return configurables.resolve("serving", gin_files, bindings, args.gin_search_path, entry=entry), rest
 
 
 def main(argv: Sequence[str] | None = None) -> list:
   argv = sys.argv[1:] if argv is None else argv
-  (checkpoint_path, config, context, mesh, row_counts, _), rest = resolve(argv, __doc__.split("\n")[0])
+  (checkpoint_path, config, context, mesh, row_counts, _), rest = resolve(argv, cli.GENERATE)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: one batch)")
   p.add_argument("--max_new_tokens", type=int, default=64)

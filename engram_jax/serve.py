@@ -467,10 +467,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   import os
   import sys
 
-  from engram_jax import generate  # the entry points' gin configurables and the engine loader
+  from engram_jax import cli, generate  # the one CLI layer and the engine loader
 
   (checkpoint_path, decode_config, context, mesh, row_counts, server), rest = generate.resolve(
-      sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
+      sys.argv[1:] if argv is None else argv, cli.SERVE)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--host", default=server.host, help="interface to bind (default loopback only)")
   p.add_argument("--port", type=int, default=server.port)

@@ -18,6 +18,19 @@ from evals.loading import load
 from evals.suite import run_suite
 
 
+ENTRY = cli.Entry(
+    "python -m evals.run", "eval_suite",
+    "Run an eval suite on a checkpoint (SUITE picks configs/evals/<SUITE>.gin when no --gin_file is given). Own "
+    "flag: --limit N (documents per task, the same seeded subset every time).",
+    (("CHECKPOINT_PATH", "(required) a MODEL_DIR, its checkpoints/ or checkpoints/<step>"),
+     ("SUITE", "standard | quick | engram_off | analysis | long_context"),
+     ("LIMIT", "documents per task (None: all)"), ("SEQ_LEN", "scoring window (None: the run's)"),
+     ("BATCH_SIZE", "rows per scoring batch"), ("ENGRAM_OFF", "'all', a tuple of layers, or None"),
+     ("COMPARE", "other checkpoints for CKA (analysis suite)"), ("OUTPUT_DIR", "None: DIR/evals/step_<N>")),
+    configurables="SuiteConfig.*, " + cli.CONFIGURABLES, default_gin_files=("configs/evals/standard.gin",),
+    examples=("python -m evals.run --gin.CHECKPOINT_PATH=\"'/tmp/engram_quickstart'\" --gin.SUITE=quick",))
+
+
 def _suite_file(argv: Sequence[str]) -> str:
   name = "standard"
   for a in argv:
@@ -42,7 +55,7 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     raise SystemExit(f"--limit {limit!r}: expected a positive number of documents per task")
   if not any(a.startswith("--gin_file") for a in rest):
     rest.insert(0, f"--gin_file={_suite_file(rest)}")
-  gin_files, bindings, args = cli.parse_flags(rest, __doc__.split("\n")[0])
+  gin_files, bindings, args = cli.parse_flags(rest, ENTRY)
   if limit is not None:
     bindings.append(f"LIMIT = {int(limit)}")
   return gin_files, bindings, args.gin_search_path
@@ -50,7 +63,7 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   gin_files, bindings, search = parse_args(sys.argv[1:] if argv is None else argv)
-  configurables.parse(gin_files, bindings, search)
+  configurables.parse(gin_files, bindings, search, entry=ENTRY)
   try:
     checkpoint_path, suite, output_dir = eval_suite_args()
   except (ValueError, TypeError) as e:

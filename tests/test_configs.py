@@ -31,7 +31,7 @@ def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
   elif rel.endswith("runs/generate.gin"):  # decode and server settings; the model comes from the checkpoint
     from engram_jax import generate
     from engram_jax.decode import DecodeConfig
-    (path, config, *_), rest = generate.resolve([f"--gin_file={rel}", "--gin.CHECKPOINT_PATH='/tmp/unused'"], rel)
+    (path, config, *_), rest = generate.resolve([f"--gin_file={rel}", "--gin.CHECKPOINT_PATH='/tmp/unused'"])
     assert path == "/tmp/unused" and isinstance(config, DecodeConfig) and rest == []
     return []
   elif kind == "runs":

@@ -86,7 +86,7 @@ def check_corpus(data_dir: str | os.PathLike, *, check_hashes: bool = True) -> d
     if not path.is_file():
       bad.append(f"{path}: missing")
     elif check_hashes and _sha256(path) != entry.get("sha256"):
-      bad.append(f"{path}: sha256 differs from {MANIFEST} ({path.stat().st_size} bytes, listed "
+      bad.append(f"{path}: sha256 differs from {MANIFEST} ({path.stat().length} bytes, listed "
                  f"{entry.get('bytes', '?')})")
   if bad:
     ours = manifest.get("created_by") == CREATED_BY
