@@ -37,6 +37,10 @@ _KEYS = ("amber", "basil", "cobalt", "delta", "ember", "falcon", "garnet", "harb
 Encode = Callable[[list[str]], list[list[int]]]
 
 
+class TooShortError(ValueError):
+  """A RULER context length that cannot hold the task's needles and question."""
+
+
 def _number(rng, taken: set) -> str:
   while True:
     v = str(int(rng.integers(1_000_000, 10_000_000)))
@@ -68,7 +72,7 @@ def _fit(make: Callable[[int], str], answer_tokens: int, length: int, encode: En
   lo, hi = 0, max(length, 1)
   fits = lambda n: len(encode([make(n)])[0]) + answer_tokens <= length  # noqa: E731
   if not fits(0):
-    raise ValueError(f"RULER length {length} is too short for the needles and the question; use a longer one")
+    raise TooShortError(f"RULER length {length} is too short for the needles and the question; use a longer one")
   while lo < hi:
     mid = (lo + hi + 1) // 2
     lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
@@ -149,3 +153,18 @@ def documents(task: str, length: int, n: int, encode: Encode, seed: int) -> list
   """Training documents in the task's format: context + gold answer (for a training mixture; another seed than
   the evaluation's)."""
   return [context + answer for context, answer, _ in examples(task, length, n, encode, seed)]
+
+
+def build_default_lengths(task: str, seq_len: int, limit: int | None, encode: Encode) -> list:
+  """The task at a quarter, half and all of seq_len, leaving out (with a printed note) the lengths too short to hold
+  its needles and question; an error only when none fits."""
+  out = []
+  for length in (seq_len // 4, seq_len // 2, seq_len):
+    try:
+      out.append(build_task(task, length, limit, encode))
+    except TooShortError:
+      print(f"{task}: length {length} is too short for the needles and the question; left out", flush=True)
+  if not out:
+    raise TooShortError(f"{task}: the scoring window SEQ_LEN={seq_len} is too short for its needles and question; "
+                        "score at a longer SEQ_LEN or set SuiteConfig.ruler_lengths")
+  return out

@@ -88,8 +88,9 @@ def build_tasks(name: str, suite: SuiteConfig, seq_len: int, tok: Tokenizer) -> 
     return [facts.probe_task(name, suite.limit, facts.FactsConfig(seed=suite.facts_seed))]
   if name.startswith("ruler_"):
     from evals import ruler
-    lengths = suite.ruler_lengths or (seq_len // 4, seq_len // 2, seq_len)
-    return [ruler.build_task(name, n, suite.limit, tok.encode) for n in lengths]
+    if suite.ruler_lengths:  # explicit lengths: one that cannot hold the needles is an error
+      return [ruler.build_task(name, n, suite.limit, tok.encode) for n in suite.ruler_lengths]
+    return ruler.build_default_lengths(name, seq_len, suite.limit, tok.encode)
   return [benchmarks.load_task(name, suite.limit)]
 
 

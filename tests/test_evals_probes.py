@@ -113,3 +113,12 @@ def test_ruler_is_deterministic_and_too_short_lengths_fail():
     ruler.build_task("ruler_vt", 40, 2, word_encode)
   docs = ruler.documents("ruler_niah_single", 120, 3, word_encode, seed=7)
   assert len(docs) == 3 and all("special magic number" in d for d in docs)
+
+
+def test_default_ruler_lengths_leave_out_the_ones_too_short_and_fail_only_when_none_fits(capsys):
+  tasks = ruler.build_default_lengths("ruler_vt", 200, 2, word_encode)  # lengths 50, 100, 200: 50 cannot hold it
+  lengths = [max(len(word_encode([c])[0]) for c in t.contexts) for t in tasks]
+  assert len(tasks) == 2 and max(lengths) <= 200
+  assert "length 50 is too short" in capsys.readouterr().out
+  with pytest.raises(ruler.TooShortError, match="SEQ_LEN=40"):
+    ruler.build_default_lengths("ruler_vt", 40, 2, word_encode)
