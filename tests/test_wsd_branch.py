@@ -87,6 +87,7 @@ def source(corpus, tmp_path_factory):
   return d, train.train_and_evaluate(tiny_model(), wsd_run(corpus, 12), d)
 
 
+@pytest.mark.slow  # four tiny training runs: ~2 min on 2 free cores
 def test_branch_equals_straight_run_and_leaves_the_source_untouched(corpus, source, tmp_path):
   src_dir, src_result = source
   before = snapshot(src_dir)
@@ -115,10 +116,12 @@ def test_branch_equals_straight_run_and_leaves_the_source_untouched(corpus, sour
 
 def test_branch_restores_the_source_checkpoint_exactly(corpus, source):
   src_dir, _ = source
+  before = snapshot(src_dir)
   run = wsd_run(corpus, 8, init_from=str(src_dir), init_step=4)
   setup = steps.make_setup(tiny_model(), WSD, 8, sharding.make_mesh("data=-1"),
                            run_dir.read_record(src_dir).compression)
   got, position = branch.restore_source(run, setup.abstract)
+  assert snapshot(src_dir) == before  # the read-only restore wrote nothing there
   want, want_position = ckpt_lib.Checkpointer(src_dir / "checkpoints").restore(4, setup.abstract)
   assert position == want_position and int(got["step"]) == 4
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
