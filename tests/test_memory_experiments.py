@@ -107,3 +107,17 @@ def test_bad_experiment_configs_name_the_field():
     me.ExperimentConfig(kind="infinite_memory", base=base, slots=(100,))
   with pytest.raises(ValueError, match="EngramConfig"):
     me.ExperimentConfig(base=ModelConfig())
+
+
+def test_ablation_plan_keeps_table_slots_where_it_says():
+  from engram_jax import budget
+  from engram_jax import configurables, cli
+  exp, run, _ = configurables.resolve("experiment", ["configs/experiments/ablation_cpu.gin"], entry=cli.EXPERIMENT)
+  points = {name: m for name, m, _ in me.plan(exp, run)}
+  assert list(points)[0] == "full" and len(points) == 12
+  rows = {name: budget.engram_table_rows(m) if m.engram_layers else 0 for name, m in points.items()}
+  for name in ("no_gate", "no_conv", "no_compression", "single_branch", "one_head_per_order", "ngram4",
+               "layers_early", "layers_late"):
+    assert abs(rows[name] / rows["full"] - 1) < 0.01, name  # equal slots (up to prime rounding and padding)
+  assert rows["moe_only"] == 0 and rows["capacity_one"] == 1024 < rows["full"]  # 8 rows, padded to table_row_multiple
+  assert rows["layers_every"] == pytest.approx(4 * rows["full"], rel=0.01)  # one full table per block

@@ -41,6 +41,11 @@ def _engram(**changes):
   return lambda m, r: (dataclasses.replace(m, engram=dataclasses.replace(m.engram, **changes)), r)
 
 
+def _spread(sizes: tuple[int, ...], orders: int) -> tuple[int, ...]:
+  """Per-order base sizes for `orders` orders holding the rows of `sizes` (equal split)."""
+  return (max(2, sum(sizes) // orders),) * orders
+
+
 # name -> (model config, run config) -> (model config, run config): one change against the full model
 ABLATIONS: dict[str, Callable] = {
     "full": lambda m, r: (m, r),
@@ -50,9 +55,12 @@ ABLATIONS: dict[str, Callable] = {
     "no_compression": lambda m, r: (m, dataclasses.replace(r, engram_compression="none")),
     "single_branch": lambda m, r: (dataclasses.replace(m, hc_expansion=1, engram=dataclasses.replace(
         m.engram, num_branches=1)), r),
-    "one_head_per_order": _engram(heads_per_order=1),
+    # equal table slots: one head gets the K heads' rows; four orders share three orders' rows
+    "one_head_per_order": lambda m, r: (dataclasses.replace(m, engram=dataclasses.replace(
+        m.engram, heads_per_order=1, table_base_sizes=tuple(b * m.engram.heads_per_order
+                                                            for b in m.engram.table_base_sizes))), r),
     "ngram4": lambda m, r: (dataclasses.replace(m, engram=dataclasses.replace(
-        m.engram, max_ngram=4, table_base_sizes=m.engram.table_base_sizes + m.engram.table_base_sizes[-1:])), r),
+        m.engram, max_ngram=4, table_base_sizes=_spread(m.engram.table_base_sizes, 3))), r),
     "layers_early": lambda m, r: (dataclasses.replace(m, engram_layers=(0,)), r),
     "layers_late": lambda m, r: (dataclasses.replace(m, engram_layers=(m.num_layers - 1,)), r),
     "layers_every": lambda m, r: (dataclasses.replace(m, engram_layers=tuple(range(m.num_layers))), r),
