@@ -60,6 +60,8 @@ def engram_table_rows(cfg: ModelConfig) -> int:
   reads). A mesh whose row-shard count does not divide table_row_multiple pads further; we count mesh-free."""
   m = cfg.engram.table_row_multiple
   primes = engram_primes(cfg.engram, cfg.engram_layers)
+  if cfg.engram.single_row_table:  # capacity-1 control: one row per head
+    primes = {l: tuple((1,) * len(order) for order in layer) for l, layer in primes.items()}
   return sum(-(-sum(p for order in layer for p in order) // m) * m for layer in primes.values())
 
 
@@ -101,13 +103,14 @@ def _hyper_connections(cfg: ModelConfig) -> Group:
 
 
 def _engram_dense(cfg: ModelConfig) -> Group:
-  """One Engram module without its table: W_V (shared), W_K, two gate norms and the conv norm + taps per branch."""
+  """One Engram module without its table: W_V (shared), W_K, two gate norms and the conv norm + taps per branch
+  (without the gate or the conv when EngramConfig.gate / short_conv are off)."""
   e = cfg.engram
   width = (e.max_ngram - 1) * e.heads_per_order * e.head_dim  # channels of e_t
   g, d = e.num_branches, cfg.d_model
-  w_v, w_k = width * d, g * width * d
-  conv = g * d * e.kernel_size
-  norms = 3 * g * d
+  w_v, w_k = width * d, (g * width * d if e.gate else 0)
+  conv = g * d * e.kernel_size if e.short_conv else 0
+  norms = (2 * g * d if e.gate else 0) + (g * d if e.short_conv else 0)
   total = w_v + w_k + conv + norms
   return Group(total, total, w_v + w_k + conv)
 

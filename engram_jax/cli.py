@@ -105,7 +105,17 @@ COUNT_ROWS = Entry(
     "--max_tokens (default 20M), --out FILE.npz (default MODEL_DIR/row_counts.npz).",
     _SERVING_MACROS[:1], configurables="DecodeConfig.*, ServeConfig.*", default_gin_files=("configs/runs/generate.gin",),
     examples=("python -m engram_jax.count_rows --gin.CHECKPOINT_PATH=\"'/tmp/engram_quickstart'\"",))
-ENTRIES = {e.kind if e is not BUDGET else "budget": e for e in (TRAIN, EVAL, SWEEP, BUDGET)}
+EXPERIMENT = Entry(
+    "python -m engram_jax.experiments.memory_experiments", "experiment",
+    "Ablation or infinite-memory experiment on one backbone: every (point, seed) trained, results, PNG and README "
+    "(resumable).",
+    (("OUT_DIR", "directory of the experiment: one run per (point, seed), results.json, PNG, README.md"),
+     ("TRAIN_STEPS", "optimizer steps of every run"), ("BATCH_SIZE", "global rows per step"),
+     ("SEQ_LEN", "tokens per row")),
+    configurables="ExperimentConfig.*, " + CONFIGURABLES,
+    examples=("python -m engram_jax.experiments.memory_experiments "
+              "--gin_file=configs/experiments/ablation_cpu.gin",))
+ENTRIES = {e.kind if e is not BUDGET else "budget": e for e in (TRAIN, EVAL, SWEEP, BUDGET, EXPERIMENT)}
 
 
 def parse_flags(argv: Sequence[str], entry: Entry | None = None,

@@ -75,8 +75,24 @@ def _register_serving():
   KINDS["serving"] = serving_args
 
 
+def _register_experiment():
+  """Registers ExperimentConfig and `experiment` (once) for engram_jax.experiments.memory_experiments."""
+  if "experiment" in KINDS:
+    return
+  from engram_jax.experiments.memory_experiments import ExperimentConfig
+  gin.external_configurable(ExperimentConfig, module="engram_jax.experiments")
+
+  @gin.configurable("experiment", module="engram_jax.experiments")
+  def experiment_args(experiment: ExperimentConfig = gin.REQUIRED, run: RunConfig = gin.REQUIRED,
+                      out_dir: str = gin.REQUIRED):
+    """What an ablation / infinite-memory experiment trains: (experiment, run config, out dir)."""
+    return experiment, run, out_dir
+
+  KINDS["experiment"] = experiment_args
+
+
 KINDS = {"train": train_args, "evaluate": eval_args, "sparsity_allocation": sweep_args}
-LAZY_KINDS = {"serving": _register_serving}
+LAZY_KINDS = {"serving": _register_serving, "experiment": _register_experiment}
 
 
 class GinConfigError(ValueError):

@@ -2,7 +2,7 @@
 
 Paper (arXiv 2601.07372, Appendix A): Engram embeddings use Adam with the learning rate x5 and weight decay 0,
 apart from the backbone optimizer. Here:
-  - 'backbone': AdamW, linear warmup then cosine decay; weight decay on matrices only (ndim >= 2), never on
+  - 'backbone': AdamW, linear warmup then cosine decay (or warmup-stable-decay, `schedule='wsd'`); weight decay on matrices only (ndim >= 2), never on
     norm scales or biases;
   - 'table': every `EngramTable` parameter (and only those): Adam (or SGD) at `table_lr_multiplier` x the
     backbone schedule, weight decay `table_weight_decay` (default 0);
@@ -29,6 +29,7 @@ from engram_jax.config_checks import check_types
 
 BACKBONE = "backbone"
 TABLE = "table"
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,13 @@ class OptimizerConfig:
 
   learning_rate: float = 1e-3  # Backbone peak learning rate.
   warmup_steps: int = 100  # Linear warmup from lr/warmup to lr over this many steps.
-  min_lr_ratio: float = 0.1  # Cosine decay ends at min_lr_ratio * lr on the last training step.
+  min_lr_ratio: float = 0.1  # The decay ends at min_lr_ratio * lr on the last training step.
+  # 'cosine': warmup, then cosine decay over all remaining steps. 'wsd' (warmup-stable-decay): warmup, constant
+  # peak, then a linear cooldown over the last decay steps; the schedule before the cooldown does not depend on
+  # the run's length, so runs of several lengths can branch from one run's checkpoints (RunConfig.init_from).
+  schedule: str = "cosine"
+  decay_fraction: float = 0.2  # Only 'wsd': the cooldown is round(decay_fraction * total steps) steps (>= 1).
+  decay_steps: int | None = None  # Only 'wsd': the cooldown length in steps (overrides decay_fraction).
   weight_decay: float = 0.1  # Backbone AdamW decoupled weight decay (matrices only).
   b1: float = 0.9
   b2: float = 0.95
@@ -55,6 +62,12 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
     if not 0 <= self.min_lr_ratio <= 1:
       raise ValueError(f"OptimizerConfig.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}: use one of {SCHEDULES}")
+    if not 0 < self.decay_fraction <= 1:
+      raise ValueError(f"OptimizerConfig.decay_fraction={self.decay_fraction} must be in (0, 1]")
+    if self.decay_steps is not None and self.decay_steps < 1:
+      raise ValueError(f"OptimizerConfig.decay_steps={self.decay_steps} must be >= 1 (or None: decay_fraction)")
     if self.table_optimizer not in ("adam", "sgd"):
       raise ValueError(f"OptimizerConfig.table_optimizer={self.table_optimizer!r}: use 'adam' or 'sgd'")
     if self.table_optimizer == "sgd" and self.table_weight_decay:
@@ -63,20 +76,41 @@ class OptimizerConfig:
       raise ValueError("OptimizerConfig: grad_clip_norm and weight_decay must be >= 0, table_lr_multiplier > 0")
 
 
+def cooldown_steps(config: OptimizerConfig, total_steps: int) -> int:
+  """Length C of the 'wsd' cooldown for a run of `total_steps` (0 for 'cosine')."""
+  if config.schedule != "wsd":
+    return 0
+  c = config.decay_steps if config.decay_steps is not None else round(config.decay_fraction * total_steps)
+  return max(1, min(int(c), total_steps))
+
+
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
   """step (0-based count of updates already applied) -> backbone learning rate.
 
-  lr(t) = peak * (t + 1) / W for t < W; then a cosine from peak (t = W) down to min_lr_ratio * peak (t = T - 1).
+  Warmup: lr(t) = peak * (t + 1) / W for t < W. Then, with T = total_steps, m = min_lr_ratio:
+    'cosine': a cosine from peak (t = W) down to m * peak (t = T - 1);
+    'wsd':    peak until the cooldown's C steps (`cooldown_steps`), then linear: lr(t) = peak * (1 - (1 - m) *
+              (t - (T - C) + 1) / C) for T - C <= t < T, reaching m * peak on the last update.
   """
   peak, warmup = config.learning_rate, config.warmup_steps
+  if config.schedule == "wsd":
+    c = cooldown_steps(config, total_steps)
+    if total_steps - c < warmup:
+      raise ValueError(f"OptimizerConfig: the wsd cooldown ({c} steps) starts at step {total_steps - c}, before "
+                       f"warmup_steps={warmup} end (TRAIN_STEPS={total_steps}); lower decay_steps / decay_fraction "
+                       "or warmup_steps")
   decay_steps = max(total_steps - 1 - warmup, 1)
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
     warm = peak * jnp.minimum((t + 1.0) / max(warmup, 1), 1.0)
-    frac = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
-    cosine = peak * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * frac)))
-    return jnp.where(t < warmup, warm, cosine)
+    if config.schedule == "wsd":
+      frac = jnp.clip((t - (total_steps - c) + 1.0) / c, 0.0, 1.0)
+      after = peak * (1.0 - (1.0 - config.min_lr_ratio) * frac)
+    else:
+      frac = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
+      after = peak * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * frac)))
+    return jnp.where(t < warmup, warm, after)
 
   return schedule
 

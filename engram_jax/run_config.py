@@ -40,6 +40,11 @@ class RunConfig:
   inloop_tasks: tuple[str, ...] = ()
   inloop_every: int = 500
   inloop_limit: int | None = 200  # Documents per task (the same seeded subset every time); None = all.
+  # Cooldown branch (engram_jax.branch): a new MODEL_DIR starts from the checkpoint at init_step of the run in
+  # init_from (parameters, optimizer state, data position) and trains to its own `steps`; init_from is only read.
+  # Meant for OptimizerConfig.schedule='wsd', whose learning rate before the cooldown does not depend on `steps`.
+  init_from: str | None = None
+  init_step: int | None = None
 
   def __post_init__(self):
     check_types(self)
@@ -55,6 +60,12 @@ class RunConfig:
       raise ValueError(f"RunConfig.engram_compression={self.engram_compression!r}: use 'vocab' or 'none'")
     if self.on_nonfinite not in ("stop", "skip_step"):
       raise ValueError(f"RunConfig.on_nonfinite={self.on_nonfinite!r}: use 'stop' or 'skip_step'")
+    if (self.init_from is None) != (self.init_step is None):
+      raise ValueError(f"RunConfig.init_from={self.init_from!r} and init_step={self.init_step!r}: set both (a cooldown "
+                       "branch from that run's checkpoint at that step) or neither")
+    if self.init_step is not None and not 0 < self.init_step < self.steps:
+      raise ValueError(f"RunConfig.init_step={self.init_step} must be in [1, steps={self.steps}) (the branch trains "
+                       "from init_step to steps)")
     if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
       raise ValueError(f"RunConfig.stop_after={self.stop_after} must be in [1, steps={self.steps}]")
 

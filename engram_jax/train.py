@@ -12,7 +12,8 @@ model, see run_dir.py), config.gin (gin's operative config), checkpoints/ (orbax
 record per log/eval step), tb/ (TensorBoard events), loss_curve.png and result.json. Nothing is written before the
 configuration, the mesh and the data have been checked.
 A rerun with the same MODEL_DIR resumes from the latest checkpoint (parameters, optimizer state, step, RNG key,
-data position); `RunConfig.stop_after` stops early without changing the learning-rate schedule.
+data position); `RunConfig.stop_after` stops early without changing the learning-rate schedule. A new MODEL_DIR with
+`RunConfig.init_from` / `init_step` starts as a cooldown branch of another run's checkpoint (engram_jax.branch).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import cli, fileio, guard, optim, run_dir
+from engram_jax import branch, cli, fileio, guard, optim, run_dir
 from engram_jax.config_checks import check_types
 from engram_jax.data.feed import (check_batch_size, make_mesh, open_data, resolved_data_dir, task_vocabulary,
                                   to_global)
@@ -71,6 +72,7 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
     raise ValueError(f"MODEL_DIR={str(model_dir)!r} is a file; pass a directory (new or of an earlier run)")
   saved_steps = ckpt_lib.finished_steps(model_dir / "checkpoints")
   check_resume(saved_steps, run, model_dir)
+  source = branch.check_source(run, model_config, model_dir) if run.init_from and not saved_steps else None
 
   # --- data
   train_iter, val_batches = open_data(run, model_config.vocab_size)
@@ -81,12 +83,17 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   # first call, once per process for every MODEL_DIR of this model shape)
   record = run_dir.begin_run(model_dir, model_config, run, task_vocabulary(run), resolved_data_dir(run),
                              bool(saved_steps), mesh)
+  if source is not None:
+    run_dir.check_compatible(source, record)  # same compression map and hash as the source run
   setup = make_setup(model_config, run.optimizer, run.steps, mesh, record.compression, run.on_nonfinite)
 
   # --- state: restored from the latest good checkpoint, or created sharded
   checkpointer = ckpt_lib.Checkpointer(model_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
   restored = checkpointer.restore_latest(setup.abstract)
-  if restored is None:
+  if restored is None and source is not None:  # a new cooldown branch: the source's state at init_step
+    (state, data_position), start = branch.restore_source(run, setup.abstract), run.init_step
+    train_iter.restore(data_position)
+  elif restored is None:
     state, start = setup.init(jnp.int32(run.seed)), 0
   else:
     state, data_position, start = restored
@@ -97,7 +104,7 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   sizes = optim.group_sizes(setup.labels, setup.abstract["params"])
   logger = Logger(model_dir, chief)
   if chief:
-    session = ("new run" if not start else f"already complete at step {start}" if start >= stop
+    session = ("new run" if not start else f"new branch of {run.init_from} at step {start}" if source else f"already complete at step {start}" if start >= stop
                else f"resumed from step {start}")
     print(f"model_dir {model_dir} | {session} | mesh {dict(mesh.shape)} | params {sizes} | "
           f"{len(val_batches)} validation batches", flush=True)
@@ -118,9 +125,9 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   step, t_loop = start, time.time()
   t_window, steps_window, t_compiled = t_loop, 0, t_loop
   try:
-    if start == 0:  # the untrained model's validation loss anchors the curve
+    if start == 0 or (source is not None and start < stop):  # the starting model's loss anchors the curve
       val = validation_loss(setup.eval_step, state, val_batches)
-      logger.write(0, {"val_loss": val}, f"step 0/{stop} | validation loss {val:.4f}")
+      logger.write(start, {"val_loss": val}, f"step {start}/{stop} | validation loss {val:.4f}")
     elif start >= stop:  # nothing to train: report the final loss (logged only if an earlier session did not)
       val = validation_loss(setup.eval_step, state, val_batches)
       if dict(read_curves(model_dir / "metrics.jsonl")[1]).get(start) is None:

@@ -109,6 +109,7 @@ def engram_forward(h, rows, segment_ids, table, w_v, w_k, gate_h, gate_k, conv_n
   h [B, S, G, D]; rows [B, S, H] flat table rows (offsets added); table [V, d]; w_v [E, D]; w_k [G, E, D];
   gate_h, gate_k, conv_norm [G, D]; conv_w [J, G, D] with conv_w[j] multiplying the input j*dilation back.
   Optional (the demo's layer): biases b_v [D], b_k [G, D]; gate / conv norm epsilons (default eps).
+  Ablations: w_k None -> no gate (alpha = 1); conv_w None -> no short conv (y = alpha * v).
   """
   gate_eps = eps if gate_eps is None else gate_eps
   conv_eps = eps if conv_eps is None else conv_eps
@@ -119,13 +120,16 @@ def engram_forward(h, rows, segment_ids, table, w_v, w_k, gate_h, gate_k, conv_n
   v = e @ w_v + (0 if b_v is None else b_v)  # [B, S, D]
   vt = np.zeros((b, s, g, d_model))
   for gi in range(g):
+    if w_k is None:
+      vt[:, :, gi] = v
+      continue
     k = e @ w_k[gi] + (0 if b_k is None else b_k[gi])  # [B, S, D]
     dot = np.sum(rmsnorm(h[:, :, gi], gate_h[gi], gate_eps) * rmsnorm(k, gate_k[gi], gate_eps), -1) / np.sqrt(d_model)
     dot = np.sign(dot) * np.sqrt(np.maximum(np.abs(dot), 1e-6))
     alpha = 1 / (1 + np.exp(-dot))  # [B, S]
     vt[:, :, gi] = alpha[..., None] * v
   y = vt.copy()
-  for gi in range(g):
+  for gi in range(g if conv_w is not None else 0):
     xn = rmsnorm(vt[:, :, gi], conv_norm[gi], conv_eps)  # [B, S, D]
     for bi in range(b):
       for t in range(s):

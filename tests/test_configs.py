@@ -41,6 +41,10 @@ def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
     sweep, run, _ = sweep_lib.load_gin([rel])
     allocs = sweep_lib.plan_sweep(sweep, getattr(run, "seq_len", None))
     return [(a.config, "data=-1") for a in (allocs[0], allocs[-1])]  # (its run mesh targets 1 device)
+  elif "ExperimentConfig." in (REPO / rel).read_text():  # ablation / infinite-memory experiments: every point
+    from engram_jax.experiments import memory_experiments
+    exp, run, _ = configurables.resolve("experiment", [rel], entry=cli.EXPERIMENT)
+    return [(m, "data=-1") for _, m, _ in memory_experiments.plan(exp, run)]
   else:
     model, run, _ = configurables.resolve("train", [rel])
   return [(model, run.mesh)]

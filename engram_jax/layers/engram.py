@@ -24,6 +24,7 @@ width, V table rows, C all_to_all capacity, J conv taps, P conv state length ((J
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -242,23 +243,37 @@ def short_conv(x: jax.Array, weight: jax.Array, norm_scale: jax.Array, dilation:
 # The core below reads all but the table (retrieval happens before it); biases exist with EngramConfig.projection_bias.
 PARAM_NAMES = ("table", "value_proj", "key_proj", "gate_norm_h", "gate_norm_k", "conv_norm", "conv_weight")
 BIAS_NAMES = ("value_bias", "key_bias")
+GATE_NAMES = ("key_proj", "gate_norm_h", "gate_norm_k", "key_bias")  # absent with EngramConfig.gate=False
+CONV_NAMES = ("conv_norm", "conv_weight")  # absent with EngramConfig.short_conv=False
 
 
 def param_names(config: EngramConfig) -> tuple[str, ...]:
   """Every parameter of a layer with this config."""
-  return PARAM_NAMES + (BIAS_NAMES if config.projection_bias else ())
+  names = PARAM_NAMES + (BIAS_NAMES if config.projection_bias else ())
+  drop = (() if config.gate else GATE_NAMES) + (() if config.short_conv else CONV_NAMES)
+  return tuple(n for n in names if n not in drop)
+
+
+def ablated_spec(spec: hashing.HashSpec, config: EngramConfig) -> hashing.HashSpec:
+  """The hash spec a layer uses: with EngramConfig.single_row_table every head's modulus is 1 (all ids -> row 0)."""
+  if not config.single_row_table:
+    return spec
+  return dataclasses.replace(spec, primes=tuple((1,) * len(order) for order in spec.primes))
 
 
 def gate_and_value(params: Mapping[str, jax.Array], h: jax.Array, e: jax.Array, eps: float
                    ) -> tuple[jax.Array, jax.Array]:
-  """k^g = W_K^g e (+ b_K^g), v = W_V e (+ b_V), alpha^g = context gate (norm epsilon `eps`).
-  h [B, S, G, D], e [B, S, E] -> (alpha [B, S, G] f32, v [B, S, D])."""
+  """k^g = W_K^g e (+ b_K^g), v = W_V e (+ b_V), alpha^g = context gate (norm epsilon `eps`); without key_proj
+  (EngramConfig.gate=False) alpha = 1. h [B, S, G, D], e [B, S, E] -> (alpha [B, S, G] f32, v [B, S, D])."""
   dt = h.dtype
   e = e.astype(dt)  # [B, S, E]
   v = jnp.einsum("bse,ed->bsd", e, params["value_proj"].astype(dt))  # [B, S, D]
-  k = jnp.einsum("bse,ged->bsgd", e, params["key_proj"].astype(dt))  # [B, S, G, D]
   if params.get("value_bias") is not None:
     v = v + params["value_bias"].astype(dt)  # [D]
+  if params.get("key_proj") is None:
+    return jnp.ones(h.shape[:3], jnp.float32), v
+  k = jnp.einsum("bse,ged->bsgd", e, params["key_proj"].astype(dt))  # [B, S, G, D]
+  if params.get("key_bias") is not None:
     k = k + params["key_bias"].astype(dt)  # [G, D]
   alpha = context_gate(h, k, params["gate_norm_h"], params["gate_norm_k"], eps)  # [B, S, G]
   return alpha, v
@@ -278,6 +293,8 @@ def engram_update(params: Mapping[str, jax.Array], h: jax.Array, e: jax.Array, *
   vt = alpha.astype(dt)[..., None] * v[:, :, None, :]  # [B, S, G, D]
   if token_mask is not None:
     vt = jnp.where(token_mask[:, :, None, None], vt, jnp.zeros((), dt))
+  if params.get("conv_weight") is None:  # EngramConfig.short_conv=False: Y = v~, no conv state
+    return vt, alpha, jnp.zeros(vt.shape[:1] + (0,) + vt.shape[2:], dt)
   conv, new_state = short_conv(vt, params["conv_weight"], params["conv_norm"], dilation, segment_ids, conv_state,
                                conv_eps)
   return (vt + conv).astype(dt), alpha, new_state
@@ -327,6 +344,7 @@ class Engram(nnx.Module):
           max_ngram=config.max_ngram, heads_per_order=config.heads_per_order,
           table_base_sizes=config.table_base_sizes, seed=config.seed, hash_bits=config.hash_bits,
           layer_ids=[layer_id], vocab_size=vocab, pad_id=int(compression[config.pad_id]))[layer_id]
+      hash_spec = ablated_spec(hash_spec, config)
     if (hash_spec.max_ngram, hash_spec.heads_per_order, hash_spec.vocab_size) != (
         config.max_ngram, config.heads_per_order, vocab):
       raise ValueError("hash_spec does not match the config / compression (max_ngram, heads_per_order, vocab size); "
@@ -358,15 +376,18 @@ class Engram(nnx.Module):
     table = sharding.param(rows, "table_rows", "table_dim")
     self.table = EngramTable(table.get_value(), **table.get_metadata())
     self.value_proj = sharding.param(jax.random.normal(k_val, (e, d_model), f32) / math.sqrt(e), None, "embed")
-    self.key_proj = sharding.param(jax.random.normal(k_key, (g, e, d_model), f32) / math.sqrt(e),
-                                   "branches", None, "embed")
-    self.gate_norm_h = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
-    self.gate_norm_k = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
-    self.conv_norm = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
-    self.conv_weight = sharding.param(jnp.zeros((config.kernel_size, g, d_model), f32), None, "branches", "embed")
+    if config.gate:  # (k_key is drawn either way: the ablation leaves every other parameter's init unchanged)
+      self.key_proj = sharding.param(jax.random.normal(k_key, (g, e, d_model), f32) / math.sqrt(e),
+                                     "branches", None, "embed")
+      self.gate_norm_h = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
+      self.gate_norm_k = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
+    if config.short_conv:
+      self.conv_norm = sharding.param(jnp.ones((g, d_model), f32), "branches", "embed")
+      self.conv_weight = sharding.param(jnp.zeros((config.kernel_size, g, d_model), f32), None, "branches", "embed")
     if config.projection_bias:
       self.value_bias = sharding.param(jnp.zeros((d_model,), f32), "embed")
-      self.key_bias = sharding.param(jnp.zeros((g, d_model), f32), "branches", "embed")
+      if config.gate:
+        self.key_bias = sharding.param(jnp.zeros((g, d_model), f32), "branches", "embed")
     self.last_gate = nnx.Intermediate(jnp.zeros((g,), jnp.float32))  # mean gate per branch of the last call
     self.last_dropped = nnx.Intermediate(jnp.zeros((), jnp.int32))  # ids dropped by the all_to_all lookup
 
@@ -378,7 +399,7 @@ class Engram(nnx.Module):
 
   @property
   def conv_state_len(self) -> int:
-    return (self.config.kernel_size - 1) * self.dilation
+    return (self.config.kernel_size - 1) * self.dilation if self.config.short_conv else 0
 
   def compress(self, token_ids: jax.Array) -> jax.Array:
     """Raw ids [B, S] -> compressed ids [B, S] (out-of-range ids are clipped; check them on the host)."""
@@ -511,5 +532,5 @@ def build_engram_layers(config: EngramConfig, layer_ids: Sequence[int], d_model:
       max_ngram=config.max_ngram, heads_per_order=config.heads_per_order, table_base_sizes=config.table_base_sizes,
       seed=config.seed, hash_bits=config.hash_bits, layer_ids=layer_ids,
       vocab_size=hashing.compressed_vocab_size(compression), pad_id=int(compression[config.pad_id]))
-  return {l: Engram(config, d_model, compression, layer_id=l, hash_spec=specs[l], mesh=mesh, rules=rules, rngs=rngs)
-          for l in layer_ids}
+  return {l: Engram(config, d_model, compression, layer_id=l, hash_spec=ablated_spec(specs[l], config), mesh=mesh,
+                    rules=rules, rngs=rngs) for l in layer_ids}

@@ -41,6 +41,12 @@ class EngramConfig:
   # Where decoding keeps the table: 'device' (a parameter, read in-graph) or 'host' (numpy in host memory; rows are
   # hashed and gathered on the host and sent with each step, see engram_jax.host_table). Does not change the math.
   table_placement: str = "device"
+  # Ablation switches (defaults = the full module, arXiv 2601.07372). gate=False: alpha = 1 (no W_K, no gate norms);
+  # short_conv=False: Y = alpha * v (no conv norm, no conv weights); single_row_table=True: capacity-1 control, every
+  # head's modulus is 1, so each head reads one learned row whatever the n-gram (table_base_sizes then unused).
+  gate: bool = True
+  short_conv: bool = True
+  single_row_table: bool = False
 
   def __post_init__(self):
     check_types(self)  # a wrong type fails here, naming the field, not inside a comparison below

@@ -1,0 +1,320 @@
+"""Two experiments on one fixed backbone, each one resumable command (arXiv 2601.07372):
+
+  'ablation'         the full Engram+MoE model against one change at a time (no gate, no short conv, no tokenizer
+                     compression, one branch, one head per order, 4-grams, injection early / late / every layer, a
+                     capacity-1 table) and the backbone without memory, at one token budget;
+  'infinite_memory'  the backbone with table slots swept over `slots` for each memory variant (Engram,
+                     OverEncoding arXiv 2501.16975, every-layer bigram; engram_jax.models.memory_variants): loss vs
+                     slots with a log-linear fit per variant and its slope's standard error.
+
+    python -m engram_jax.experiments.memory_experiments --gin_file=configs/experiments/ablation_cpu.gin
+    python -m engram_jax.experiments.memory_experiments --gin_file=configs/experiments/infinite_memory_cpu.gin
+
+Every (point, seed) trains with engram_jax.train (RunConfig.seed varies: init and data order; all points of a seed
+see the same batches) into `<out_dir>/<point>_seed<s>/`; a finished one leaves `point_result.json` and is skipped
+next time, an interrupted one resumes from its own checkpoint. Written after every invocation: `results.json`
+(per point mean / std over seeds, pooled seed std, gaps to the reference point paired by seed, fits, command,
+versions, wall time), a PNG and README.md (tables and a mechanical reading; add the interpretation by hand).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from engram_jax import budget
+from engram_jax.experiments.sparsity_allocation import _default_train_fn, _jsonable, _write_json, routing_stats
+from engram_jax.experiments.sparsity_allocation import software_versions
+from engram_jax.experiments.sweep_report import _figure, _save, final_loss
+from engram_jax.models.config import ModelConfig
+from engram_jax.models.memory_variants import VARIANTS, memory_model
+
+KINDS = ("ablation", "infinite_memory")
+
+
+def _engram(**changes):
+  return lambda m, r: (dataclasses.replace(m, engram=dataclasses.replace(m.engram, **changes)), r)
+
+
+def _spread(sizes: tuple[int, ...], orders: int) -> tuple[int, ...]:
+  """Per-order base sizes for `orders` orders holding the rows of `sizes` (equal split)."""
+  return (max(2, sum(sizes) // orders),) * orders
+
+
+# name -> (model config, run config) -> (model config, run config): one change against the full model
+ABLATIONS: dict[str, Callable] = {
+    "full": lambda m, r: (m, r),
+    "moe_only": lambda m, r: (dataclasses.replace(m, engram_layers=(), engram=None), r),
+    "no_gate": _engram(gate=False),
+    "no_conv": _engram(short_conv=False),
+    "no_compression": lambda m, r: (m, dataclasses.replace(r, engram_compression="none")),
+    "single_branch": lambda m, r: (dataclasses.replace(m, hc_expansion=1, engram=dataclasses.replace(
+        m.engram, num_branches=1)), r),
+    # equal table slots: one head gets the K heads' rows; four orders share three orders' rows
+    "one_head_per_order": lambda m, r: (dataclasses.replace(m, engram=dataclasses.replace(
+        m.engram, heads_per_order=1, table_base_sizes=tuple(b * m.engram.heads_per_order
+                                                            for b in m.engram.table_base_sizes))), r),
+    "ngram4": lambda m, r: (dataclasses.replace(m, engram=dataclasses.replace(
+        m.engram, max_ngram=4, table_base_sizes=_spread(m.engram.table_base_sizes, 3))), r),
+    "layers_early": lambda m, r: (dataclasses.replace(m, engram_layers=(0,)), r),
+    "layers_late": lambda m, r: (dataclasses.replace(m, engram_layers=(m.num_layers - 1,)), r),
+    "layers_every": lambda m, r: (dataclasses.replace(m, engram_layers=tuple(range(m.num_layers))), r),
+    "capacity_one": _engram(single_row_table=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """What one experiment trains. `base`: for 'ablation' the full Engram+MoE model; for 'infinite_memory' the
+  backbone whose `engram` field gives head_dim, orders, heads and branches (its table sizes are set per point)."""
+
+  kind: str = "ablation"  # 'ablation' or 'infinite_memory'.
+  base: ModelConfig | None = None
+  seeds: tuple[int, ...] = (0, 1)
+  ablations: tuple[str, ...] = tuple(ABLATIONS)  # 'ablation': the points ('full' is the reference).
+  slots: tuple[int, ...] = ()  # 'infinite_memory': total table rows per point (all layers, orders and heads).
+  variants: tuple[str, ...] = VARIANTS  # 'infinite_memory': the memory variants given each slot count.
+  engram_layers: tuple[int, ...] = (1,)  # 'infinite_memory': where the 'engram' variant sits.
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"ExperimentConfig.kind={self.kind!r}: use one of {KINDS}")
+    if self.base is None or self.base.engram is None:
+      raise ValueError("ExperimentConfig.base must be a ModelConfig with an EngramConfig (ModelConfig.engram)")
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"ExperimentConfig.seeds={self.seeds}: give distinct seeds")
+    bad = [a for a in self.ablations if a not in ABLATIONS]
+    if self.kind == "ablation" and (bad or "full" not in self.ablations):
+      raise ValueError(f"ExperimentConfig.ablations={self.ablations}: unknown {bad}; choose from {tuple(ABLATIONS)} "
+                       "and include 'full' (the reference)")
+    if self.kind == "infinite_memory":
+      if len(self.slots) < 2 or any(s < 1 for s in self.slots):
+        raise ValueError(f"ExperimentConfig.slots={self.slots}: give at least two positive slot counts")
+      bad = [v for v in self.variants if v not in VARIANTS]
+      if bad or not self.variants:
+        raise ValueError(f"ExperimentConfig.variants={self.variants}: choose from {VARIANTS}")
+
+
+def plan(exp: ExperimentConfig, run) -> list[tuple[str, ModelConfig, object]]:
+  """(point name, model config, run config) of every point; the reference point first."""
+  if exp.kind == "ablation":
+    return [(name, *ABLATIONS[name](exp.base, run)) for name in ("full",) + tuple(
+        a for a in exp.ablations if a != "full")]
+  backbone = dataclasses.replace(exp.base, engram_layers=())
+  points = [("moe_only", dataclasses.replace(backbone, engram=None), run)]
+  for variant in exp.variants:
+    for slots in sorted(exp.slots):
+      points.append((f"{variant}_slots{slots}", memory_model(backbone, variant, slots, exp.engram_layers), run))
+  return points
+
+
+def reference_name(exp: ExperimentConfig) -> str:
+  return "full" if exp.kind == "ablation" else "moe_only"
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+
+def summarise(runs: Sequence[dict], reference: str) -> dict:
+  """Per point: mean and sample std over seeds; pooled seed std; each point's gap to `reference` (mean, paired by
+  seed, and in pooled-seed-std units: gap / pooled std, z = gap / (pooled std * sqrt(1/n + 1/n_ref)))."""
+  names = list(dict.fromkeys(r["point"] for r in runs))
+  points = {}
+  for name in names:
+    losses = [final_loss(r["train"]) for r in runs if r["point"] == name]
+    mean = sum(losses) / len(losses)
+    std = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else 0.0
+    first = next(r for r in runs if r["point"] == name)
+    points[name] = {"mean_val_loss": mean, "std_val_loss": std, "n": len(losses), "val_losses": losses,
+                    "slots": first.get("slots"), "variant": first.get("variant"), "params": first.get("params")}
+  dof = sum(p["n"] - 1 for p in points.values())
+  pooled = math.sqrt(sum((p["n"] - 1) * p["std_val_loss"] ** 2 for p in points.values()) / dof) if dof else None
+  ref = points.get(reference)
+  by_seed = {r["seed"]: final_loss(r["train"]) for r in runs if r["point"] == reference}
+  for name, p in points.items():
+    if ref is None or name == reference:
+      continue
+    gap = p["mean_val_loss"] - ref["mean_val_loss"]
+    p["gap"] = gap
+    p["paired_gaps"] = [final_loss(r["train"]) - by_seed[r["seed"]] for r in runs
+                        if r["point"] == name and r["seed"] in by_seed]
+    p["gap_in_seed_std"] = gap / pooled if pooled else None
+    p["gap_z"] = gap / (pooled * math.sqrt(1 / p["n"] + 1 / ref["n"])) if pooled else None
+  return {"reference": reference, "pooled_seed_std": pooled, "pooled_dof": dof, "points": points}
+
+
+def loglinear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict | None:
+  """OLS of y = a + b ln(x) over all (x, y) pairs: intercept, slope (per e-fold of x; per doubling = b ln 2),
+  the slope's standard error (needs >= 3 pairs) and R^2."""
+  n = len(xs)
+  if n < 2 or len(set(xs)) < 2:
+    return None
+  lx = [math.log(x) for x in xs]
+  mx, my = sum(lx) / n, sum(ys) / n
+  sxx = sum((u - mx) ** 2 for u in lx)
+  b = sum((u - mx) * (y - my) for u, y in zip(lx, ys)) / sxx
+  a = my - b * mx
+  resid = [y - (a + b * u) for u, y in zip(lx, ys)]
+  sse, sst = sum(r * r for r in resid), sum((y - my) ** 2 for y in ys)
+  se = math.sqrt(sse / (n - 2) / sxx) if n > 2 else None
+  return {"intercept": a, "slope": b, "slope_se": se, "slope_per_doubling": b * math.log(2),
+          "r2": 1 - sse / sst if sst else None, "n": n}
+
+
+def fits(runs: Sequence[dict]) -> dict[str, dict | None]:
+  """Per memory variant: loglinear_fit of final loss against slots over every (slots, seed) run."""
+  out = {}
+  for variant in dict.fromkeys(r["variant"] for r in runs if r.get("variant")):
+    pts = [(r["slots"], final_loss(r["train"])) for r in runs if r.get("variant") == variant]
+    out[variant] = loglinear_fit([p[0] for p in pts], [p[1] for p in pts])
+  return out
+
+
+def plot(summary: dict, fit: dict, kind: str, path: str) -> None:
+  """'ablation': mean loss per point with seed error bars; 'infinite_memory': loss vs slots (log x) per variant,
+  with the fit and the memory-free backbone as a band."""
+  fig, axes = _figure(1)
+  ax = axes[0, 0]
+  pts = summary["points"]
+  if kind == "ablation":
+    names = list(pts)
+    ax.barh(range(len(names)), [pts[n]["mean_val_loss"] for n in names],
+            xerr=[pts[n]["std_val_loss"] for n in names], capsize=3, color="tab:blue", alpha=0.7)
+    ax.set_yticks(range(len(names)), names)
+    lo = min(min(p["val_losses"]) for p in pts.values())
+    hi = max(max(p["val_losses"]) for p in pts.values())
+    ax.set_xlim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+    ax.axvline(pts["full"]["mean_val_loss"], color="black", lw=0.8)
+    ax.set_xlabel("final validation loss (mean ± std over seeds)")
+    ax.set_title("Engram ablations (line: full model)")
+  else:
+    for i, (variant, f) in enumerate(fit.items()):
+      vp = sorted((p for p in pts.values() if p["variant"] == variant), key=lambda p: p["slots"])
+      xs = [p["slots"] for p in vp]
+      ax.errorbar(xs, [p["mean_val_loss"] for p in vp], yerr=[p["std_val_loss"] for p in vp], marker="o",
+                  capsize=3, color=f"C{i}", label=variant + (f" (slope/doubling {f['slope_per_doubling']:+.4f})"
+                                                             if f else ""))
+      if f:
+        ax.plot(xs, [f["intercept"] + f["slope"] * math.log(x) for x in xs], color=f"C{i}", ls="--", lw=0.8)
+    moe = pts.get("moe_only")
+    if moe:
+      ax.axhspan(moe["mean_val_loss"] - moe["std_val_loss"], moe["mean_val_loss"] + moe["std_val_loss"],
+                 color="gray", alpha=0.2, label="no memory (mean ± std)")
+    ax.set_xscale("log")
+    ax.set_xlabel("table slots (rows, all layers and heads)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("Infinite memory: loss vs slots at fixed backbone")
+    ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  _save(fig, path)
+
+
+def readme(results: dict) -> str:
+  """README.md: command, versions, wall time, the table, the fits and a mechanical reading."""
+  s = results["summary"]
+  pooled = s["pooled_seed_std"]
+  lines = [f"# {results['experiment']['kind']}: results", "",
+           "Written by engram_jax.experiments.memory_experiments (rerun the command to resume / refresh).", "",
+           "Command:", "", "    " + results["command"], "",
+           f"Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}", "",
+           f"Training wall time over all points: {results['train_wall_s'] / 60:.1f} min "
+           f"({len(results['runs'])} runs, tokens per run {results['tokens_per_run']}).", "",
+           f"Pooled seed std: {pooled:.4f} ({s['pooled_dof']} dof)" if pooled else "Pooled seed std: n/a (one seed)",
+           "", f"| point | params | mean val loss | std | n | gap to {s['reference']} | gap / seed std |",
+           "|---|---|---|---|---|---|---|"]
+  for name, p in s["points"].items():
+    gap = p.get("gap")
+    units = p.get("gap_in_seed_std")
+    lines.append(f"| {name} | {p['params'] or ''} | {p['mean_val_loss']:.4f} | {p['std_val_loss']:.4f} | {p['n']} | "
+                 f"{'' if gap is None else f'{gap:+.4f}'} | {'' if units is None else f'{units:+.2f}'} |")
+  if results.get("fits"):
+    lines += ["", "Log-linear fits (loss = a + b ln slots, all seeds):", "",
+              "| variant | slope per doubling | slope se (per e-fold) | R^2 | n |", "|---|---|---|---|---|"]
+    for v, f in results["fits"].items():
+      if f:
+        se = "" if f["slope_se"] is None else f"{f['slope_se']:.4f}"
+        r2 = "" if f["r2"] is None else f"{f['r2']:.3f}"
+        lines.append(f"| {v} | {f['slope_per_doubling']:+.4f} | {se} | {r2} | {f['n']} |")
+  lines += ["", "Mechanical reading (|gap| < 2 seed std is called inconclusive):", ""]
+  for name, p in s["points"].items():
+    if p.get("gap_in_seed_std") is not None:
+      u = p["gap_in_seed_std"]
+      verdict = "inconclusive" if abs(u) < 2 else ("worse than" if u > 0 else "better than")
+      lines.append(f"- {name}: {verdict} {s['reference']} ({p['gap']:+.4f} nats, {u:+.1f} seed std)")
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callable | None = None,
+                   command: str | None = None, log: Callable[[str], None] = print) -> dict:
+  """Trains every (point, seed) not finished under `out_dir`, then writes results.json, the PNG and README.md."""
+  train_fn = train_fn or _default_train_fn()
+  os.makedirs(out_dir, exist_ok=True)
+  points = plan(exp, run)
+  seq_len = run.seq_len
+  log(f"{exp.kind}: {len(points)} points x {len(exp.seeds)} seeds")
+  runs = []
+  for name, model, run_cfg in points:
+    b = budget.compute_budget(model, seq_len)
+    for seed in exp.seeds:
+      rname = f"{name}_seed{seed}"
+      run_dir = os.path.join(out_dir, rname)
+      path = os.path.join(run_dir, "point_result.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          done = json.load(f)
+        if done["model_config"] != _jsonable(model):
+          raise ValueError(f"{path} was trained with another model config than point {name!r} plans now; use a "
+                           "new out_dir or delete that run")
+        log(f"[{rname}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")
+        runs.append(done)
+        continue
+      os.makedirs(run_dir, exist_ok=True)
+      cfg = dataclasses.replace(run_cfg, seed=seed)
+      log(f"[{rname}] training: P_tot={b.total} P_act={b.active} table={b.engram_table}")
+      t0 = time.time()
+      result = train_fn(model, cfg, run_dir)
+      slots = budget.engram_table_rows(model) if model.engram_layers else 0
+      record = {"point": name, "seed": seed, "wall_s": time.time() - t0, "slots": slots,
+                "variant": name.rsplit("_slots", 1)[0] if exp.kind == "infinite_memory" and slots else None,
+                "params": {"total": b.total, "active": b.active, "engram_table": b.engram_table},
+                "model_config": _jsonable(model), "run_config": _jsonable(cfg), "routing": routing_stats(run_dir),
+                "train": _jsonable(result)}
+      _write_json(path, record)
+      runs.append(json.loads(json.dumps(_jsonable(record))))
+      log(f"[{rname}] val loss {final_loss(result):.4f} in {record['wall_s']:.0f} s")
+  summary = summarise(runs, reference_name(exp))
+  for p in summary["points"].values():  # one number for the table
+    p["params"] = p["params"]["total"] if p["params"] else None
+  fit = fits(runs) if exp.kind == "infinite_memory" else {}
+  results = {"experiment": exp, "command": command or " ".join([sys.executable] + sys.argv),
+             "versions": software_versions(), "run": run, "summary": summary, "fits": fit, "runs": runs,
+             "train_wall_s": sum(r["wall_s"] for r in runs),
+             "tokens_per_run": (run.stop_after or run.steps) * run.batch_size * run.seq_len}
+  results = json.loads(json.dumps(_jsonable(results)))
+  _write_json(os.path.join(out_dir, "results.json"), results)
+  png = "ablation.png" if exp.kind == "ablation" else "loss_vs_slots.png"
+  plot(summary, fit, exp.kind, os.path.join(out_dir, png))
+  from engram_jax import fileio  # noqa: PLC0415
+  fileio.atomic_write(os.path.join(out_dir, "README.md"), readme(results))
+  log(readme(results))
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  from engram_jax import cli  # noqa: PLC0415
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command = " ".join([sys.executable, "-m", "engram_jax.experiments.memory_experiments", *argv])
+  return cli.run(cli.EXPERIMENT, argv, lambda exp, run, out_dir: run_experiment(exp, run, out_dir, command=command))
+
+
+if __name__ == "__main__":  # run the importable module's main, so gin and the caches see a single copy
+  from engram_jax.experiments import memory_experiments as _entry
+  _entry.main()

@@ -1,0 +1,123 @@
+"""The ablation / infinite-memory runner end to end on a toy config (a few steps, tiny model, a corpus made here):
+results JSON, PNG and README written, a second invocation skips finished runs; and its numbers (gaps in seed-std
+units, the log-linear fit) against hand-computed values.
+
+Letters: none (no arrays are shaped here).
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from engram_jax.experiments import memory_experiments as me
+from toy_corpus import build_toy_corpus  # tests/ is on sys.path (pytest rootdir-relative import)
+
+TOY = "configs/experiments/memory_experiments_toy.gin"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("corpus")
+  build_toy_corpus(data_dir, num_docs=200, seed=2)
+  return str(data_dir)
+
+
+@pytest.mark.slow
+def test_ablation_and_infinite_memory_runs_end_to_end_and_resume(corpus, tmp_path, capsys):
+  out = tmp_path / "ablation"
+  argv = [f"--gin_file={TOY}", f"--gin.RunConfig.data_dir='{corpus}'", f"--gin.OUT_DIR='{out}'"]
+  results = me.main(argv)
+  on_disk = json.loads((out / "results.json").read_text())
+  points = on_disk["summary"]["points"]
+  assert list(points) == ["full", "moe_only", "no_gate", "capacity_one"]
+  assert on_disk["summary"]["reference"] == "full" and on_disk["summary"]["pooled_seed_std"] is None  # one seed
+  for name, p in points.items():
+    run = next(r for r in on_disk["runs"] if r["point"] == name)
+    assert p["mean_val_loss"] == run["train"]["final_val_loss"] and run["train"]["steps"] == 4
+    assert np.isfinite(p["mean_val_loss"])
+    if name != "full":
+      assert p["gap"] == pytest.approx(p["mean_val_loss"] - points["full"]["mean_val_loss"])
+  assert points["moe_only"]["params"] < points["capacity_one"]["params"] < points["full"]["params"]
+  assert next(r for r in on_disk["runs"] if r["point"] == "no_gate")["model_config"]["engram"]["gate"] is False
+  for name in ("ablation.png", "README.md"):
+    assert (out / name).stat().st_size > 0
+  readme = (out / "README.md").read_text()
+  assert "memory_experiments" in readme and "| no_gate |" in readme
+  # a rerun trains nothing and writes the same summary
+  capsys.readouterr()
+  again = me.main(argv)
+  assert capsys.readouterr().out.count("(skipped)") == 4
+  assert again["summary"] == results["summary"]
+
+  out2 = tmp_path / "memory"
+  me.main([f"--gin_file={TOY}", f"--gin.RunConfig.data_dir='{corpus}'", f"--gin.OUT_DIR='{out2}'",
+           "--gin.ExperimentConfig.kind='infinite_memory'"])
+  res = json.loads((out2 / "results.json").read_text())
+  assert list(res["summary"]["points"]) == ["moe_only", "engram_slots200", "engram_slots800",
+                                            "overencoding_slots200", "overencoding_slots800"]
+  assert set(res["fits"]) == {"engram", "overencoding"} and (out2 / "loss_vs_slots.png").is_file()
+  for r in res["runs"]:
+    if r["variant"]:
+      assert r["slots"] >= int(r["point"].rsplit("slots", 1)[1])  # primes round each head up
+  f = res["fits"]["engram"]
+  e = {r["slots"]: r["train"]["final_val_loss"] for r in res["runs"] if r["variant"] == "engram"}
+  (x1, y1), (x2, y2) = sorted(e.items())
+  assert f["slope"] == pytest.approx((y2 - y1) / math.log(x2 / x1))  # two points: the line through them
+
+
+def test_summary_gaps_in_seed_std_units_and_paired_by_seed():
+  def run(point, seed, loss):
+    return {"point": point, "seed": seed, "train": {"final_val_loss": loss}, "params": {"total": 1}}
+
+  runs = [run("full", 0, 3.0), run("full", 1, 3.2), run("no_gate", 0, 3.3), run("no_gate", 1, 3.3)]
+  s = me.summarise(runs, "full")
+  pooled = math.sqrt(((3.0 - 3.1) ** 2 + (3.2 - 3.1) ** 2) / 2)  # within-point variances pooled over 2 dof
+  assert s["pooled_seed_std"] == pytest.approx(pooled) and s["pooled_dof"] == 2
+  p = s["points"]["no_gate"]
+  assert p["gap"] == pytest.approx(0.2) and p["paired_gaps"] == pytest.approx([0.3, 0.1])
+  assert p["gap_in_seed_std"] == pytest.approx(0.2 / pooled)
+  assert p["gap_z"] == pytest.approx(0.2 / (pooled * math.sqrt(1 / 2 + 1 / 2)))
+
+
+def test_loglinear_fit_matches_numpy_polyfit():
+  rng = np.random.default_rng(0)
+  x = np.repeat([1e3, 4e3, 16e3, 64e3], 2)
+  y = 4.0 - 0.03 * np.log(x) + rng.normal(0, 0.01, x.size)
+  f = me.loglinear_fit(list(x), list(y))
+  slope, intercept = np.polyfit(np.log(x), y, 1)
+  assert f["slope"] == pytest.approx(slope) and f["intercept"] == pytest.approx(intercept)
+  resid = y - (intercept + slope * np.log(x))
+  se = math.sqrt(np.sum(resid ** 2) / (x.size - 2) / np.sum((np.log(x) - np.log(x).mean()) ** 2))
+  assert f["slope_se"] == pytest.approx(se) and f["slope_per_doubling"] == pytest.approx(slope * math.log(2))
+
+
+def test_bad_experiment_configs_name_the_field():
+  from engram_jax.models.config import ModelConfig
+  from engram_jax.layers.engram_config import EngramConfig
+  base = ModelConfig(engram_layers=(1,), engram=EngramConfig())
+  with pytest.raises(ValueError, match="kind='sweep'"):
+    me.ExperimentConfig(kind="sweep", base=base)
+  with pytest.raises(ValueError, match="include 'full'"):
+    me.ExperimentConfig(base=base, ablations=("no_gate",))
+  with pytest.raises(ValueError, match="unknown \\['no_table'\\]"):
+    me.ExperimentConfig(base=base, ablations=("full", "no_table"))
+  with pytest.raises(ValueError, match="slots"):
+    me.ExperimentConfig(kind="infinite_memory", base=base, slots=(100,))
+  with pytest.raises(ValueError, match="EngramConfig"):
+    me.ExperimentConfig(base=ModelConfig())
+
+
+def test_ablation_plan_keeps_table_slots_where_it_says():
+  from engram_jax import budget
+  from engram_jax import configurables, cli
+  exp, run, _ = configurables.resolve("experiment", ["configs/experiments/ablation_cpu.gin"], entry=cli.EXPERIMENT)
+  points = {name: m for name, m, _ in me.plan(exp, run)}
+  assert list(points)[0] == "full" and len(points) == 12
+  rows = {name: budget.engram_table_rows(m) if m.engram_layers else 0 for name, m in points.items()}
+  for name in ("no_gate", "no_conv", "no_compression", "single_branch", "one_head_per_order", "ngram4",
+               "layers_early", "layers_late"):
+    assert abs(rows[name] / rows["full"] - 1) < 0.01, name  # equal slots (up to prime rounding and padding)
+  assert rows["moe_only"] == 0 and rows["capacity_one"] == 1024 < rows["full"]  # 8 rows, padded to table_row_multiple
+  assert rows["layers_every"] == pytest.approx(4 * rows["full"], rel=0.01)  # one full table per block
