@@ -247,13 +247,13 @@ def test_sparse_step_collectives_do_not_grow_with_the_table(kind):
   """The whole compiled train step on data=2,expert=2,model=2 with a table 4x larger: the same collectives on
   the same shapes, none as large as the table."""
   found, rows = [], []
-  for base in ((211, 223), (853, 857)):
+  for base in ((1009, 1013), (4001, 4003)):
     cfg = dataclasses.replace(CFG, engram=dataclasses.replace(ENGRAM, table_base_sizes=base))
     setup, mesh = _setup(kind, "data=2,expert=2,model=2", cfg)
     rows.append(setup.abstract["params"]["blocks"][0]["engram"]["table"].shape[0])
     state = setup.abstract
     found.append(_collectives(setup.train_step.lower(state, _on(mesh, _batch())).compile().as_text()))
-  assert rows[1] > 3.9 * rows[0]
+  assert rows[1] > 3.9 * rows[0]  # ~4.07k and ~16k rows
   assert found[0] and found[0] == found[1]
   assert max(n for _, n in found[1]) < rows[0], found[1]
 
