@@ -25,7 +25,7 @@ ENGRAM = EngramConfig(max_ngram=3, heads_per_order=2, head_dim=4, table_base_siz
                       lookup="shard_map")
 # One block with Engram: small enough to compile in seconds; the table (~136 rows) is read 512 times per step,
 # so rows repeat within a batch.
-CFG = ModelConfig(vocab_size=V_TOK, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+CFG = ModelConfig(vocab_size=V_TOK, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
                   dense_hidden=32, engram_layers=(0,), engram=ENGRAM)
 
 
