@@ -2,6 +2,8 @@
 
 The state is a dict of pure pytrees {'params', 'opt', 'rest', 'step', 'rng'} ('rest' holds the model's
 non-trainable variables, e.g. MoE balance biases); one jitted, donated `train_step` maps it to the next state.
+'opt' is optax's state over every parameter, or, with a row-sparse table optimizer (adam_lazy, adagrad_rowwise),
+{'backbone': optax's state over the non-table parameters, 'tables': per-table state at the tables' params paths}.
 """
 
 from __future__ import annotations
