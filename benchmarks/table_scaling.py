@@ -130,7 +130,12 @@ def run_size(num_rows: int, reps: int, rng) -> dict:
       jax.block_until_ready((states[v]["table"], loss))
       times[v].append(time.perf_counter() - t0)
   del states
-  return {"rows": num_rows, "ms": {v: 1e3 * float(np.median(t)) for v, t in times.items()},
+  t = {v: np.asarray(x) for v, x in times.items()}
+  return {"rows": num_rows, "ms": {v: 1e3 * float(np.median(x)) for v, x in t.items()},
+          # paired within a round (robust to load drifting between rounds on a shared machine):
+          "x_dense_paired": {v: float(np.median(t[v] / t["adam_dense"])) for v in VARIANTS},
+          "over_floor_ms": {v: 1e3 * float(np.median(t[v] - t["no_table_update"])) for v in VARIANTS},
+          "times_s": {v: x.tolist() for v, x in t.items()},
           "state_bytes_per_row": state_bytes, "rows_touched_per_step": int(np.unique(np.asarray(ids)).size)}
 
 
@@ -144,12 +149,14 @@ def main(argv=None) -> dict:
   results = [run_size(v, args.reps, rng) for v in sorted(args.rows)]
   base = results[0]
   print(f"{'rows':>10} {'variant':>16} {'ms':>9} {'x dense':>8} {'x own@' + str(base['rows']):>14} "
-        f"{'state B/row':>11}")
+        f"{'ms over floor':>13} {'state B/row':>11}")
   for r in results:
     for v in VARIANTS:
       ms = r["ms"][v]
-      print(f"{r['rows']:>10} {v:>16} {ms:9.1f} {ms / r['ms']['adam_dense']:8.2f} "
-            f"{ms / base['ms'][v]:14.2f} {r['state_bytes_per_row'][v]:11.0f}")
+      print(f"{r['rows']:>10} {v:>16} {ms:9.1f} {r['x_dense_paired'][v]:8.2f} "
+            f"{ms / base['ms'][v]:14.2f} {r['over_floor_ms'][v]:13.1f} {r['state_bytes_per_row'][v]:11.0f}")
+  print("x dense: median over rounds of the ratio within a round; ms over floor: median of (variant - "
+        "no_table_update) within a round")
   out = {"layer": dict(batch=B, seq=S, heads=H, head_dim=DH, d_model=D, branches=G), "reps": args.reps,
          "results": results, "machine": dict(cpus=jax.local_device_count(), platform=platform.platform(),
                                              backend=jax.default_backend(), jax=jax.__version__),
