@@ -65,6 +65,34 @@ def engram_table_rows(cfg: ModelConfig) -> int:
   return sum(-(-sum(p for order in layer for p in order) // m) * m for layer in primes.values())
 
 
+TABLE_OPTIMIZERS = ("adam_dense", "adam_lazy", "adagrad_rowwise", "sgd")
+
+
+def table_memory(cfg: ModelConfig, param_bytes: int = 4) -> dict:
+  """Engram table memory of `cfg` (float32): rows, table bytes, and per table optimizer its state bytes per row and
+  in total. Row-sparse optimizers ('adam_lazy', 'adagrad_rowwise') also never build the dense [V, d] gradient
+  (adam_dense and sgd do: table_bytes more at every step)."""
+  from engram_jax.sparse_tables import state_bytes_per_row  # noqa: PLC0415 - jax only when asked
+  rows = engram_table_rows(cfg) if cfg.engram_layers else 0
+  d = cfg.engram.head_dim if cfg.engram_layers else 0
+  per_row = {k: state_bytes_per_row(k, d, param_bytes) for k in TABLE_OPTIMIZERS}
+  return {"rows": rows, "table_bytes": rows * d * param_bytes, "optimizer_state_bytes_per_row": per_row,
+          "optimizer_state_bytes": {k: rows * b for k, b in per_row.items()},
+          "dense_gradient_bytes": {k: rows * d * param_bytes if k in ("adam_dense", "sgd") else 0
+                                   for k in TABLE_OPTIMIZERS}}
+
+
+def format_table_memory(cfg: ModelConfig) -> str:
+  """One line per table optimizer: state bytes per row and in total, beside the table's own bytes."""
+  mem = table_memory(cfg)
+  lines = [f"Engram tables: {mem['rows']:,} rows, {mem['table_bytes'] / 2**20:,.1f} MiB (float32)",
+           f"{'table optimizer':>16} {'state B/row':>11} {'state MiB':>10} {'dense grad MiB':>14}"]
+  for k in TABLE_OPTIMIZERS:
+    lines.append(f"{k:>16} {mem['optimizer_state_bytes_per_row'][k]:>11} "
+                 f"{mem['optimizer_state_bytes'][k] / 2**20:>10,.1f} {mem['dense_gradient_bytes'][k] / 2**20:>14,.1f}")
+  return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parameter counts per component
 # ----------------------------------------------------------------------------------------------------------------

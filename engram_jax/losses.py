@@ -28,10 +28,12 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def lm_terms(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
-  """Next-token NLL sum and token count over the non-pad positions of a packed batch, and the model's aux."""
+def lm_terms(model: nnx.Module, batch: Batch, engram_rows: dict | None = None) -> tuple[jax.Array, jax.Array, dict]:
+  """Next-token NLL sum and token count over the non-pad positions of a packed batch, and the model's aux.
+  engram_rows (optional): per Engram layer, its table rows already gathered for these inputs [B, S, H, d]."""
   inputs = shift_right(batch["targets"], batch["segment_ids"])
-  logits, aux = model(inputs, segment_ids=batch["segment_ids"], positions=batch["positions"])  # [B, S, V]
+  logits, aux = model(inputs, segment_ids=batch["segment_ids"], positions=batch["positions"],
+                      engram_rows=engram_rows)  # [B, S, V]
   nll, count = cross_entropy(logits, batch["targets"], batch["segment_ids"] > 0)
   return nll, count, aux
 

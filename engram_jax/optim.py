@@ -4,8 +4,10 @@ Paper (arXiv 2601.07372, Appendix A): Engram embeddings use Adam with the learni
 apart from the backbone optimizer. Here:
   - 'backbone': AdamW, linear warmup then cosine decay (or warmup-stable-decay, `schedule='wsd'`); weight decay on matrices only (ndim >= 2), never on
     norm scales or biases;
-  - 'table': every `EngramTable` parameter (and only those): Adam (or SGD) at `table_lr_multiplier` x the
-    backbone schedule, weight decay `table_weight_decay` (default 0);
+  - 'table': every `EngramTable` parameter (and only those) at `table_lr_multiplier` x the backbone schedule,
+    under `table_optimizer`: 'adam_dense' (the paper's Adam on the dense [V, d] gradient, weight decay
+    `table_weight_decay`, default 0; 'adam' is the same), 'sgd', or a row-sparse optimizer that reads and writes
+    only the rows a step touched ('adam_lazy', 'adagrad_rowwise': engram_jax.sparse_tables, no weight decay);
   - gradients are clipped by their GLOBAL norm over both groups before the split;
   - MoE balance biases are `nnx.Variable`s, not `nnx.Param`s: they are not in the optimized tree at all and are
     updated by the train loop outside the gradient.
@@ -30,6 +32,8 @@ from engram_jax.config_checks import check_types
 BACKBONE = "backbone"
 TABLE = "table"
 SCHEDULES = ("cosine", "wsd")
+TABLE_OPTIMIZERS = ("adam_dense", "sgd", "adam_lazy", "adagrad_rowwise")
+SPARSE_TABLE_OPTIMIZERS = ("adam_lazy", "adagrad_rowwise")  # row-sparse: engram_jax.sparse_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,9 @@ class OptimizerConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip_norm: float = 1.0  # Global-norm clipping over all groups; 0 turns it off.
-  table_optimizer: str = "adam"  # 'adam' (paper) or 'sgd' (no optimizer state for huge tables).
+  # 'adam_dense' (paper; 'adam' is the same), 'sgd' (no state), or row-sparse (step cost O(tokens), not O(rows)):
+  # 'adam_lazy' (LazyAdam: touched rows only) or 'adagrad_rowwise' (one accumulator per row).
+  table_optimizer: str = "adam_dense"
   table_lr_multiplier: float = 5.0  # Paper: Engram embeddings at 5x the backbone learning rate.
   table_weight_decay: float = 0.0  # Paper: no weight decay on Engram embeddings.
 
@@ -68,10 +74,13 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.decay_fraction={self.decay_fraction} must be in (0, 1]")
     if self.decay_steps is not None and self.decay_steps < 1:
       raise ValueError(f"OptimizerConfig.decay_steps={self.decay_steps} must be >= 1 (or None: decay_fraction)")
-    if self.table_optimizer not in ("adam", "sgd"):
-      raise ValueError(f"OptimizerConfig.table_optimizer={self.table_optimizer!r}: use 'adam' or 'sgd'")
-    if self.table_optimizer == "sgd" and self.table_weight_decay:
-      raise ValueError("OptimizerConfig.table_weight_decay must be 0 with table_optimizer='sgd' (plain SGD here)")
+    if self.table_optimizer == "adam":  # the name before the sparse optimizers existed (older run directories)
+      object.__setattr__(self, "table_optimizer", "adam_dense")
+    if self.table_optimizer not in TABLE_OPTIMIZERS:
+      raise ValueError(f"OptimizerConfig.table_optimizer={self.table_optimizer!r}: use one of {TABLE_OPTIMIZERS}")
+    if self.table_optimizer != "adam_dense" and self.table_weight_decay:
+      raise ValueError(f"OptimizerConfig.table_weight_decay must be 0 with table_optimizer="
+                       f"{self.table_optimizer!r} (only 'adam_dense' has weight decay)")
     if self.grad_clip_norm < 0 or self.table_lr_multiplier <= 0 or self.weight_decay < 0:
       raise ValueError("OptimizerConfig: grad_clip_norm and weight_decay must be >= 0, table_lr_multiplier > 0")
 
@@ -142,11 +151,12 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, labels: dict) -> o
 
   `labels` is `param_labels(...)`: a pure dict with the params' structure.
   """
-  schedule = learning_rate_schedule(config, total_steps)
-  backbone = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
-                         mask=decay_mask)
-  table_schedule = lambda step: config.table_lr_multiplier * schedule(step)
-  if config.table_optimizer == "adam":
+  if config.table_optimizer in SPARSE_TABLE_OPTIMIZERS:
+    raise ValueError(f"make_optimizer: table_optimizer={config.table_optimizer!r} is row-sparse; its tables are "
+                     "updated by engram_jax.sparse_tables and the backbone by backbone_optimizer")
+  backbone = backbone_optimizer(config, total_steps)
+  table_schedule = table_learning_rate(config, total_steps)
+  if config.table_optimizer == "adam_dense":
     # Paper: Adam; decoupled decay (0 by default) applies to every table row.
     table = optax.adamw(table_schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                         weight_decay=config.table_weight_decay)
@@ -154,6 +164,18 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, labels: dict) -> o
     table = optax.sgd(table_schedule)
   clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm else optax.identity()
   return optax.chain(clip, optax.multi_transform({BACKBONE: backbone, TABLE: table}, labels))
+
+
+def backbone_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with warmup/cosine, weight decay on matrices only (no clipping: the caller clips over every group)."""
+  return optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
+                     weight_decay=config.weight_decay, mask=decay_mask)
+
+
+def table_learning_rate(config: OptimizerConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """step -> the table group's learning rate (table_lr_multiplier x the backbone schedule)."""
+  schedule = learning_rate_schedule(config, total_steps)
+  return lambda step: config.table_lr_multiplier * schedule(step)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: dict, param_shardings: dict,

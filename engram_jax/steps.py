@@ -2,6 +2,8 @@
 
 The state is a dict of pure pytrees {'params', 'opt', 'rest', 'step', 'rng'} ('rest' holds the model's
 non-trainable variables, e.g. MoE balance biases); one jitted, donated `train_step` maps it to the next state.
+'opt' is optax's state over every parameter, or, with a row-sparse table optimizer (adam_lazy, adagrad_rowwise),
+{'backbone': optax's state over the non-table parameters, 'tables': per-table state at the tables' params paths}.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from engram_jax import guard, optim, sharding
-from engram_jax.losses import lm_terms
+from engram_jax import guard, optim, sharding, sparse_tables
+from engram_jax.losses import lm_terms, shift_right
 from engram_jax.models.config import ModelConfig
 
 State = dict[str, Any]
@@ -89,27 +91,62 @@ def _make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, tot
   abstract_model = nnx.eval_shape(lambda: build_model(model_config, mesh, 0, compression))
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
   labels = optim.param_labels(params)
-  tx = optim.make_optimizer(optimizer, total_steps, labels)
+  plan = _sparse_plan(model_config, optimizer, abstract_model, mesh)
+  tx = optim.make_optimizer(optimizer, total_steps, labels) if plan is None else optim.backbone_optimizer(
+      optimizer, total_steps)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   param_sh = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
-  shardings = {"params": param_sh, "opt": optim.opt_state_shardings(tx, nnx.to_pure_dict(params), param_sh, replicated),
+  shardings = {"params": param_sh, "opt": _opt_shardings(tx, plan, nnx.to_pure_dict(params), param_sh, replicated),
                "rest": nnx.to_pure_dict(sharding.state_shardings(rest, mesh)), "step": replicated, "rng": replicated}
 
   def init(seed: jax.Array) -> State:
     model = build_model(model_config, mesh, seed, compression)
     _, p, r = nnx.split(model, nnx.Param, ...)
     p = nnx.to_pure_dict(p)
-    return {"params": p, "opt": tx.init(p), "rest": nnx.to_pure_dict(r), "step": jnp.zeros((), jnp.int32),
+    return {"params": p, "opt": _opt_init(tx, plan, p), "rest": nnx.to_pure_dict(r), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.PRNGKey(seed)}
 
   init = jax.jit(init, out_shardings=shardings)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init, jnp.int32(0)), shardings)
   schedule = optim.learning_rate_schedule(optimizer, total_steps)
-  train_step = guard.guarded(make_train_step(graphdef, tx, _balance_update_fn(model_config), schedule), on_nonfinite)
+  train_step = guard.guarded(make_train_step(graphdef, tx, _balance_update_fn(model_config), schedule, plan,
+                                             optimizer, total_steps), on_nonfinite)
   return Setup(graphdef, tx, labels, shardings, abstract, init,
                jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None)),
                jax.jit(make_eval_step(graphdef)))
+
+
+def _sparse_plan(model_config: ModelConfig, optimizer: optim.OptimizerConfig, abstract_model, mesh
+                 ) -> sparse_tables.Plan | None:
+  """The row-sparse table plan (None for the dense table optimizers or a model without Engram)."""
+  if optimizer.table_optimizer not in optim.SPARSE_TABLE_OPTIMIZERS or not model_config.engram_layers:
+    return None
+  if model_config.engram.lookup == "all_to_all":
+    raise ValueError(f"OptimizerConfig.table_optimizer={optimizer.table_optimizer!r} needs every gathered row to "
+                     "reach the model; EngramConfig.lookup='all_to_all' drops ids over capacity: use lookup="
+                     "'shard_map' or 'take', or table_optimizer='adam_dense'")
+  return sparse_tables.Plan.of(abstract_model, optimizer.table_optimizer, optimizer.b1, optimizer.b2, optimizer.eps,
+                               mesh)
+
+
+def _opt_init(tx, plan: sparse_tables.Plan | None, params: dict):
+  """Optimizer state: optax's over every param, or {'backbone': optax's over the rest, 'tables': per-table state}."""
+  if plan is None:
+    return tx.init(params)
+  tables = [sparse_tables.init_state(plan.kind, sparse_tables.get_path(params, p)) for p in plan.paths]
+  return {"backbone": tx.init(sparse_tables.without(params, list(plan.paths))),
+          "tables": sparse_tables.with_leaves({}, list(plan.paths), tables)}
+
+
+def _opt_shardings(tx, plan: sparse_tables.Plan | None, params: dict, param_sh: dict, replicated):
+  if plan is None:
+    return optim.opt_state_shardings(tx, params, param_sh, replicated)
+  paths = list(plan.paths)
+  tables = [sparse_tables.state_shardings(plan.kind, sparse_tables.get_path(param_sh, p)) for p in paths]
+  return {"backbone": optim.opt_state_shardings(tx, sparse_tables.without(params, paths),
+                                                sparse_tables.without(param_sh, paths), replicated),
+          "tables": sparse_tables.with_leaves({}, paths, tables)}
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -122,20 +159,26 @@ def intermediates(model: nnx.Module) -> dict[str, jax.Array]:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: Callable | None,
-                    schedule: Callable) -> Callable[[State, Batch], tuple[State, dict]]:
-  """The update: loss -> grads -> clipped optax groups -> MoE bias update (outside the gradient)."""
+                    schedule: Callable, plan: sparse_tables.Plan | None = None,
+                    optimizer: optim.OptimizerConfig | None = None, total_steps: int = 1
+                    ) -> Callable[[State, Batch], tuple[State, dict]]:
+  """The update: loss -> grads -> clipped optax groups -> MoE bias update (outside the gradient).
+  With a sparse `plan`, tables get row gradients and their own update (`_sparse_grads_and_update`)."""
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
-    def loss_fn(params):
+    def loss_fn(params, rows=None):
       model = nnx.merge(graphdef, params, state["rest"])
-      nll, count, aux = lm_terms(model, batch)
+      nll, count, aux = lm_terms(model, batch, engram_rows=rows)
       ce = nll / jnp.maximum(count, 1.0)
       aux = {**aux, **intermediates(model)}  # what layers record, e.g. Engram ids dropped for capacity
       return ce + aux.get("moe_aux_loss", 0.0), (ce, count, aux)
 
-    (loss, (ce, count, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    if plan is None:
+      (loss, (ce, count, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      updates, opt = tx.update(grads, state["opt"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+    else:
+      (loss, (ce, count, aux)), grads, params, opt = sparse_step(state, batch, loss_fn)
     rest = state["rest"]
     if update_biases is not None:  # aux-loss-free balancing: no gradient flows here
       model = nnx.merge(graphdef, params, rest)
@@ -147,6 +190,30 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
     new_state = {"params": params, "opt": opt, "rest": rest, "step": state["step"] + 1,
                  "rng": jax.random.split(state["rng"])[0]}  # the key advances every step (reserved for noise)
     return new_state, metrics
+
+  def sparse_step(state: State, batch: Batch, loss_fn: Callable):
+    """Row-sparse tables: differentiate w.r.t. the gathered rows, clip over all groups, update touched rows only.
+    Returns (loss terms, grads in the params' structure with each table's leaf its summed row gradients
+    [n, U, d], new params, new opt state)."""
+    paths, params = list(plan.paths), state["params"]
+    backbone = sparse_tables.without(params, paths)
+    tables = [sparse_tables.get_path(params, p) for p in paths]
+    model = nnx.merge(graphdef, params, state["rest"])
+    ids, rows = plan.gather(model, shift_right(batch["targets"], batch["segment_ids"]), batch["segment_ids"])
+    with_tables = lambda b: sparse_tables.with_leaves(b, paths, tables)
+    out, (g_backbone, g_rows) = jax.value_and_grad(lambda b, r: loss_fn(with_tables(b), r), argnums=(0, 1),
+                                                   has_aux=True)(backbone, rows)
+    row_grads = plan.row_grads(ids, g_rows, batch["segment_ids"] > 0, tables)
+    grads = sparse_tables.with_leaves(g_backbone, paths, [g.grads for g in row_grads])  # params' structure
+    clipped = grads
+    if optimizer.grad_clip_norm:  # over both groups, as the dense path's optax chain
+      clipped = optax.clip_by_global_norm(optimizer.grad_clip_norm).update(grads, optax.EmptyState())[0]
+    updates, opt_backbone = tx.update(sparse_tables.without(clipped, paths), state["opt"]["backbone"], backbone)
+    row_grads = [g._replace(grads=sparse_tables.get_path(clipped, p)) for g, p in zip(row_grads, paths)]
+    states = [sparse_tables.get_path(state["opt"]["tables"], p) for p in paths]
+    tables, states = plan.apply(tables, states, row_grads, optim.table_learning_rate(optimizer, total_steps))
+    params = sparse_tables.with_leaves(optax.apply_updates(backbone, updates), paths, tables)
+    return out, grads, params, {"backbone": opt_backbone, "tables": sparse_tables.with_leaves({}, paths, states)}
 
   return train_step
 

@@ -175,3 +175,23 @@ def test_solver_bad_config():
   with pytest.raises(ValueError, match="P_act"):  # Engram width 3x the dense FFN: cannot fit in 1% without offset.
     budget.solve_allocation(CPU_BACKBONE, dataclasses.replace(CPU_ENGRAM, head_dim=64), (1,), 0.5, seq_len=8,
                             total_to_active=10, offset="none")
+
+
+@pytest.mark.parametrize("kind", ["adam_dense", "adam_lazy", "adagrad_rowwise", "sgd"])
+def test_table_memory_equals_the_optimizer_state_it_builds(kind):
+  """Optimizer-state bytes per table row, as reported, equal the bytes of the state each optimizer creates."""
+  from engram_jax import optim, sparse_tables  # noqa: PLC0415
+  cfg = dataclasses.replace(TINY, engram_layers=(1, 2), engram=TINY_ENGRAM)
+  mem = budget.table_memory(cfg)
+  rows = _table_params(cfg) // TINY_ENGRAM.head_dim
+  assert mem["rows"] == rows and mem["table_bytes"] == rows * TINY_ENGRAM.head_dim * 4
+  table = jax.ShapeDtypeStruct((rows, TINY_ENGRAM.head_dim), jnp.float32)
+  if kind in optim.SPARSE_TABLE_OPTIMIZERS:
+    state = jax.eval_shape(lambda t: sparse_tables.init_state(kind, t), table)
+  else:
+    cfg_opt = optim.OptimizerConfig(table_optimizer=kind)
+    state = jax.eval_shape(optim.make_optimizer(cfg_opt, 10, {"t": optim.TABLE}).init, {"t": table})
+  row_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim and x.shape[0] == rows)
+  assert mem["optimizer_state_bytes"][kind] == row_bytes
+  assert mem["optimizer_state_bytes_per_row"][kind] * rows == row_bytes
+  assert "adagrad_rowwise" in budget.format_table_memory(cfg)

@@ -209,6 +209,9 @@ def print_budget(sweep: SweepConfig, run=None, out_dir: str | None = None) -> No
   allocs = plan_sweep(sweep, getattr(run, "seq_len", None))
   print(f"budget table (seq_len {getattr(run, 'seq_len', None) or sweep.seq_len} for FLOPs; rho=1 is the reference)")
   print(budget.format_table(allocs))
+  largest = max(allocs, key=lambda a: a.budget.engram_table)
+  if largest.config.engram_layers:  # the largest tables of the plan: what each table optimizer adds to memory
+    print(f"rho {largest.rho_target:.2f}: " + budget.format_table_memory(largest.config))
   if sweep.train_flops:
     fpt = allocs[0].budget.flops_per_token
     print(f"compute budget C = {sweep.train_flops:.3g} FLOPs -> {sweep.train_flops / fpt:.4g} training tokens "
