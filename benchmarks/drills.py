@@ -1,15 +1,16 @@
 """Crash drills: `kill -9` a training process at random moments, resume it, and check the result is bit-identical.
 
-    nice -n 10 .venv/bin/python benchmarks/drills.py [--trials 10] [--kills 3] [--steps 60] [--seed 0]
+    nice -n 10 .venv/bin/python benchmarks/drills.py [--trials 10] [--kills 2] [--steps 60] [--seed 0]
 
 Not part of the test suite (it runs for tens of minutes). One tiny Engram+MoE model trains on a toy corpus built
 here, on one CPU device, in a child process (`--worker`), checkpointing asynchronously every --checkpoint-every
-steps. First one uninterrupted run gives the reference and the horizon H (its wall time, start-up included). Then
-each trial runs the same training in a fresh MODEL_DIR and kills it --kills times with SIGKILL, resuming after each:
-  * 'time' kills fire at a moment drawn uniformly from [0, 0.6 H] after the session started (start-up, compile,
-    steps, evaluation or a save, whatever is happening then);
-  * one kill per trial is a 'save' kill: it fires as soon as an asynchronous save is in flight (orbax's temporary
-    step directory appears), i.e. while the checkpoint is half written.
+steps. First one uninterrupted run gives the reference and the horizon H (its wall time from the first training step to
+the end: steps, evaluations and saves; start-up and compilation come before). Then each trial runs the same
+training in a fresh MODEL_DIR and kills it --kills times with SIGKILL, resuming after each:
+  * 'time' kills fire at a moment drawn uniformly from [0, 0.6 H] after the session's first training step (a step,
+    an evaluation or a save, whatever is happening then);
+  * one kill per trial is a 'save' kill: it fires as soon as one of the session's asynchronous saves is in flight
+    (orbax's temporary step directory appears), i.e. while the checkpoint is half written.
 After the kills the trial resumes once more and runs to the end. Checked against the reference, bit for bit: every
 logged training loss of every session (a step re-run after a kill must repeat its loss), the validation curve,
 the final parameters / optimizer state / RNG / step, and the data position. Each kill is classified by what the
@@ -102,13 +103,21 @@ def start_session(model_dir: str, args, log_path: str) -> subprocess.Popen:
                           cwd=ROOT)
 
 
-def saving_now(model_dir: str) -> bool:
-  """An asynchronous save is in flight: orbax's temporary step directory exists."""
+def saving_now(model_dir: str, since: float) -> bool:
+  """An asynchronous save of this session is in flight: an orbax temporary step directory created after `since`
+  (one left by a killed session is stale until orbax removes it on the next save)."""
   ckpt = os.path.join(model_dir, "checkpoints")
   try:
-    return any("tmp" in name for name in os.listdir(ckpt))
+    names = [n for n in os.listdir(ckpt) if "tmp" in n]
   except FileNotFoundError:
     return False
+  for name in names:
+    try:
+      if os.stat(os.path.join(ckpt, name)).st_mtime >= since:
+        return True
+    except FileNotFoundError:  # committed (renamed) meanwhile
+      pass
+  return False
 
 
 def stepped(log_path: str, offset: int) -> bool:
@@ -119,28 +128,42 @@ def stepped(log_path: str, offset: int) -> bool:
 
 
 def killed_session(model_dir: str, args, log_path: str, *, at: float | None, on_save: bool, limit: float) -> dict:
-  """Starts a session and SIGKILLs it at `at` seconds, or (on_save) as soon as a save is in flight; returns what
-  happened. A session that finishes before the kill fires is reported as not killed."""
+  """Starts a session and SIGKILLs it `at` seconds after its first training step, or (on_save) as soon as one of
+  its asynchronous saves is in flight; returns what happened. A session that finishes first is not killed."""
   offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-  t0 = time.time()
+  t0, wall0 = time.time(), time.time() - 1.0  # 1 s slack for file-system timestamp granularity
   proc = start_session(model_dir, args, log_path)
+  t_first = None
   while proc.poll() is None:
     now = time.time() - t0
-    saving = saving_now(model_dir)
-    if (on_save and saving) or (at is not None and now >= at) or now > limit:
-      phase = "save" if saving else "step" if stepped(log_path, offset) else "startup"
+    if t_first is None and stepped(log_path, offset):
+      t_first = now
+    saving = t_first is not None and saving_now(model_dir, wall0)
+    fire = ((on_save and saving) or (at is not None and t_first is not None and now - t_first >= at)
+            or now > limit)
+    if fire:
+      phase = "save" if saving or saving_now(model_dir, wall0) else "step" if stepped(log_path, offset) else "startup"
       proc.send_signal(signal.SIGKILL)
       proc.wait()
-      return {"killed": True, "at_s": round(now, 3), "phase": phase, "trigger": "save" if on_save else "time"}
-    time.sleep(0.002 if on_save else 0.01)
+      return {"killed": True, "at_s": round(now, 3), "after_first_step_s": None if t_first is None else
+              round(now - t_first, 3), "phase": phase, "trigger": "save" if on_save else "time"}
+    time.sleep(0.002 if t_first is not None else 0.05)
   return {"killed": False, "returncode": proc.returncode, "at_s": round(time.time() - t0, 3),
           "trigger": "save" if on_save else "time"}
 
 
-def finish_session(model_dir: str, args, log_path: str) -> tuple[int, float]:
+def finish_session(model_dir: str, args, log_path: str) -> tuple[int, float, float | None]:
+  """Runs a session to its end: (exit code, seconds, seconds from its first training step to the end)."""
+  offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
   t0 = time.time()
   proc = start_session(model_dir, args, log_path)
-  return proc.wait(), time.time() - t0
+  t_first = None
+  while proc.poll() is None:
+    if t_first is None and stepped(log_path, offset):
+      t_first = time.time()
+    time.sleep(0.05)
+  end = time.time()
+  return proc.returncode, end - t0, None if t_first is None else end - t_first
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -219,7 +242,8 @@ def report(trials: list[dict], args, horizons: list[float], window: float, strai
     print("|---|---|---|---|---|---|---|")
     print(f"| {summary['trials']} | {summary['kills']} | {by_phase['startup']} | {by_phase['step']} | "
           f"{by_phase['save']} | {summary['resumes']} | {summary['mismatching_trials']} |")
-  result = {"summary": summary, "horizon_s": round(horizons[-1], 2), "cold_horizon_s": round(horizons[0], 2),
+  result = {"summary": summary, "straight_run_s": round(horizons[1], 2), "cold_straight_run_s": round(horizons[0], 2),
+            "horizon_s": round(window / args.horizon_fraction, 2),
             "straight_runs_differ": straight_problems, "kill_window_s": round(window, 2),
             "wall_time_s": round(time.time() - t_all, 1),
             "config": {"steps": args.steps, "checkpoint_every": args.checkpoint_every, "kills_per_trial": args.kills,
@@ -236,7 +260,7 @@ def report(trials: list[dict], args, horizons: list[float], window: float, strai
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--trials", type=int, default=10)
-  p.add_argument("--kills", type=int, default=3, help="kills per trial (one of them waits for a save in flight)")
+  p.add_argument("--kills", type=int, default=2, help="kills per trial (one of them waits for a save in flight)")
   p.add_argument("--steps", type=int, default=60)
   p.add_argument("--checkpoint-every", type=int, default=4)
   p.add_argument("--horizon-fraction", type=float, default=0.6, help="kill times are drawn from [0, this * H]")
@@ -267,20 +291,21 @@ def main(argv=None) -> dict:
   # later session sees it) gives the horizon and must equal the first
   horizons = []
   for name in ("straight_cold", "straight"):
-    code, seconds = finish_session(os.path.join(work, name), args, os.path.join(work, name + ".log"))
+    code, seconds, training = finish_session(os.path.join(work, name), args, os.path.join(work, name + ".log"))
     if code != 0:
       raise SystemExit(f"the uninterrupted run failed (exit {code}); see {os.path.join(work, name + '.log')}")
     horizons.append(seconds)
-  horizon = horizons[-1]
+  horizon = training  # from the first training step to the end: steps, evaluations, saves
   ref_dir = os.path.join(work, "straight")
   ref_train, ref_val = logged_losses(ref_dir)
   leaves, data = final_state(ref_dir, args)
   reference = {"train": ref_train, "val": ref_val, "leaves": leaves, "data": data}
   straight_problems = compare(os.path.join(work, "straight_cold"), reference, args)
   window = args.horizon_fraction * horizon
-  print(f"uninterrupted run: {args.steps} steps in {horizon:.1f} s (start-up included; {horizons[0]:.1f} s with a "
-        f"cold compilation cache; the two runs {'agree' if not straight_problems else 'DIFFER'}); kill times drawn "
-        f"from [0, {window:.1f}] s", flush=True)
+  print(f"uninterrupted run: {args.steps} steps in {horizons[1]:.1f} s ({horizon:.1f} s from the first step; "
+        f"{horizons[0]:.1f} s with a cold compilation cache; the two runs "
+        f"{'agree' if not straight_problems else 'DIFFER'}); kill times drawn from [0, {window:.1f}] s after each "
+        "session's first step", flush=True)
 
   # --- trials
   trials = []
@@ -290,8 +315,9 @@ def main(argv=None) -> dict:
     kills = []
     for k in range(args.kills):
       at = None if k == save_kill else rng.uniform(0.0, window)
-      kills.append(killed_session(model_dir, args, log_path, at=at, on_save=k == save_kill, limit=2 * horizon))
-    code, seconds = finish_session(model_dir, args, log_path)
+      kills.append(killed_session(model_dir, args, log_path, at=at, on_save=k == save_kill,
+                                  limit=2 * horizons[1]))
+    code, seconds, _ = finish_session(model_dir, args, log_path)
     problems = [f"final session exited {code}"] if code else compare(model_dir, reference, args)
     with open(log_path, errors="replace") as f:
       log_text = f.read()
