@@ -10,7 +10,7 @@ import pytest
 from engram_jax import platforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE_WORDS = ("cuda", "cuinit", "plugin", "gpu will not be used", "tpu")
+PROBE_WORDS = ("cuda", "cuinit", "plugin", "gpu will not be used", "libtpu", "tpu backend")
 
 
 def run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
