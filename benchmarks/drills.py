@@ -4,8 +4,9 @@
 
 Not part of the test suite (it runs for tens of minutes). One tiny Engram+MoE model trains on a toy corpus built
 here, on one CPU device, in a child process (`--worker`), checkpointing asynchronously every --checkpoint-every
-steps. First one uninterrupted run gives the reference and the horizon H (its wall time from the first training step to
-the end: steps, evaluations and saves; start-up and compilation come before). Then each trial runs the same
+steps; the sessions share a JAX persistent compilation cache (the same executables, loaded instead of compiled).
+First one uninterrupted run fills the cache; a second gives the reference and the horizon H (its wall time from
+the first training step to the end: steps, evaluations and saves; start-up comes before). Then each trial runs the same
 training in a fresh MODEL_DIR and kills it --kills times with SIGKILL, resuming after each:
   * 'time' kills fire at a moment drawn uniformly from [0, 0.6 H] after the session's first training step (a step,
     an evaluation or a save, whatever is happening then);
