@@ -55,6 +55,18 @@ def main(out_dir: str, multiple: int) -> None:
     logits = loaded(jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))))[0]
     out[n] = {"rows": int(table.shape[0]), "row_shard": int(table.addressable_shards[0].data.shape[0]),
               "logits": np.asarray(logits, np.float64).round(7).tolist()}
+  # a record whose table_row_multiple no longer matches the saved table (as after the older mesh-dependent
+  # padding): a clear shape error, not a "corrupt" checkpoint
+  path = os.path.join(out_dir, run_dir.RECORD_FILE)
+  with open(path) as f:
+    record = json.load(f)
+  record["model_config"]["engram"]["table_row_multiple"] = 2 * multiple
+  with open(path, "w") as f:
+    json.dump(record, f)
+  try:
+    run_dir.load_model(out_dir)
+  except Exception as e:  # noqa: BLE001 (the test checks the type)
+    out["stale"] = {"type": type(e).__name__, "error": str(e)}
   print(json.dumps(out))
 
 
