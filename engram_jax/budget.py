@@ -57,7 +57,7 @@ def engram_primes(engram: EngramConfig, layer_ids: Sequence[int]) -> dict[int, t
 def engram_table_rows(cfg: ModelConfig) -> int:
   """Rows of all Engram tables: per layer the sum of its primes, padded up to a multiple of
   EngramConfig.table_row_multiple as the layer pads its flat table (the padding rows are parameters that no id
-  reads). A mesh whose row-shard count does not divide table_row_multiple pads further; we count mesh-free."""
+  reads). The shape does not depend on the mesh."""
   m = cfg.engram.table_row_multiple
   primes = engram_primes(cfg.engram, cfg.engram_layers)
   if cfg.engram.single_row_table:  # capacity-1 control: one row per head

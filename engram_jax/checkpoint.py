@@ -144,6 +144,9 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax / tensorstore errors on truncated or missing files
+      mismatch = shape_mismatch_error(self.directory, step, e)
+      if mismatch is not None:  # intact files of another model shape: not corrupt, never moved aside
+        raise mismatch from e
       raise ckpt_integrity.CorruptCheckpointError(
           f"checkpoint {self.directory / str(step)} could not be restored: {type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -207,6 +210,19 @@ class Checkpointer:
       self.wait()
       self.manager.close()
       self.manager = None
+
+
+def shape_mismatch_error(directory, step: int, error: Exception) -> ValueError | None:
+  """A clear ValueError when orbax refused a restore because stored shapes differ from the model's; else None."""
+  text = str(error)
+  if "is not compatible with the stored shape" not in text:
+    return None
+  return ValueError(
+      f"checkpoint {directory / str(step)} holds arrays of other shapes than this model ({text.splitlines()[0][:200]}). "
+      "Nothing was moved or changed. Shapes follow the model config alone: an Engram table has its hashed rows "
+      "padded to EngramConfig.table_row_multiple (checkpoints of earlier versions also padded them to the mesh's "
+      "row shards, e.g. 3072 rows on 12 devices). Fix: use the model config and the engram_jax version that wrote "
+      "it, or start a new MODEL_DIR.")
 
 
 def _gather_positions(position: dict[str, int]) -> list[dict[str, int]]:

@@ -69,13 +69,36 @@ def evaluate(checkpoint_path: str | os.PathLike, config: EvalConfig | None = Non
   result = {"checkpoint": str(fileio.as_path(model_dir) / "checkpoints" / str(step)), "step": step,
             "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": tokens,
             "val_batches": len(val_batches), "task": run.task, "seq_len": run.seq_len, "batch_size": run.batch_size,
-            "wall_time_s": time.time() - t0}
+            **training_validation(model_dir, record, run, len(val_batches)), "wall_time_s": time.time() - t0}
   out = fileio.as_path(output_dir) if output_dir else fileio.as_path(model_dir)
   if jax.process_index() == 0:
     fileio.atomic_write(out / f"eval_step{step}.json", json.dumps(result, indent=2) + "\n")
     print(f"{result['checkpoint']}: validation loss {loss:.4f} nats/token, perplexity {result['val_perplexity']:.2f} "
-          f"over {len(val_batches)} batches ({tokens:,} tokens) of {run.task!r}", flush=True)
+          f"over {len(val_batches)} batches ({tokens:,} tokens) of {run.task!r}; {result['compared_to_training']}",
+          flush=True)
   return result
+
+
+def training_validation(model_dir, record: run_dir.RunRecord, run: RunConfig, batches: int) -> dict[str, Any]:
+  """How this evaluation's validation set compares with the one training's losses (result.json) used."""
+  trained = record.run_config
+  try:  # the number training actually used (the split may hold fewer than eval_batches)
+    trained_batches = json.loads((fileio.as_path(model_dir) / "result.json").read_text())["val_batches"]
+  except (OSError, ValueError, KeyError):
+    trained_batches = trained.get("eval_batches")
+  theirs = {"val_batches": trained_batches, "batch_size": trained.get("batch_size"), "seq_len": trained.get("seq_len"),
+            "task": record.task}
+  ours = {"val_batches": batches, "batch_size": run.batch_size, "seq_len": run.seq_len, "task": run.task}
+  same = theirs == ours and (run.data_dir is None or record.data_dir is None or
+                             os.path.abspath(run.data_dir) == os.path.abspath(record.data_dir))
+  if same:
+    text = f"the same {batches} validation batches as training's logged losses"
+  else:
+    diff = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if theirs[k] != ours[k]) or "data_dir"
+    text = (f"other validation batches than training's logged losses ({diff}): the two losses differ by design; "
+            "leave EvalConfig.eval_batches / batch_size / seq_len / task unset to reproduce training's")
+  return {"training_val_batches": trained_batches, "same_validation_as_training": same,
+          "compared_to_training": text}
 
 
 def _with_compute_dtype(model, compute_dtype: str, mesh):

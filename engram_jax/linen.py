@@ -29,7 +29,8 @@ from flax.linen import partitioning as nn_partitioning
 from jax.sharding import Mesh
 
 from engram_jax import hashing, sharding
-from engram_jax.layers.engram import (engram_update, lookup_rows, mean_gate, param_names, table_row_shards)
+from engram_jax.layers.engram import (check_table_rows, engram_update, lookup_rows, mean_gate, param_names,
+                                      table_num_rows)
 from engram_jax.layers.engram_config import EngramConfig
 
 AXES_STYLES = ("boxed", "params_axes")
@@ -46,9 +47,11 @@ def param_axes(config: EngramConfig) -> dict[str, tuple[str | None, ...]]:
 
 def table_rows(config: EngramConfig, spec: hashing.HashSpec, mesh: Mesh | None = None,
                rules: sharding.Rules = sharding.DEFAULT_RULES) -> int:
-  """Rows of the flat table: total_rows padded to table_row_multiple and to the mesh's row shards."""
-  multiple = math.lcm(config.table_row_multiple, table_row_shards(mesh, rules))
-  return -(-spec.total_rows // multiple) * multiple
+  """Rows of the flat table: total_rows padded to table_row_multiple (mesh-independent); the mesh's row shards
+  must divide it (ValueError naming the meshes that work otherwise)."""
+  rows = table_num_rows(spec.total_rows, config.table_row_multiple)
+  check_table_rows(rows, spec.total_rows, config.table_row_multiple, mesh, spec.layer_id, rules)
+  return rows
 
 
 class Engram(nn.Module):

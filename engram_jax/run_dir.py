@@ -341,6 +341,9 @@ def _restore_verified(checkpointer, step: int, steps: list[int], target) -> dict
     try:
       return checkpointer.restore_subset(step, target)
     except Exception as e:  # orbax / tensorstore errors on truncated or missing files
+      mismatch = ckpt_lib.shape_mismatch_error(checkpointer.directory, step, e)
+      if mismatch is not None:
+        raise mismatch from e
       raise ckpt_integrity.CorruptCheckpointError(
           f"checkpoint {checkpointer.directory / str(step)} could not be restored: {type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}") from e

@@ -38,6 +38,9 @@ CASES = [  # (name, model overrides, run overrides, message)
     ("engram head_dim", lambda: dict(engram=dataclasses.replace(E, head_dim=-1)), {}, r"EngramConfig.head_dim=-1"),
     ("engram type", lambda: dict(engram=dataclasses.replace(E, heads_per_order=2.5)), {},
      r"EngramConfig.heads_per_order=2.5: expected int"),
+    ("mesh engram table", lambda: dict(engram=dataclasses.replace(E, table_row_multiple=3)), {},
+     r"the Engram table of layer 1 has 930 rows \(928 hashed rows padded to EngramConfig.table_row_multiple=3\), "
+     r"which the mesh .* cannot split: .* make 8 shards"),
     ("moe top_k", dict(moe=dataclasses.replace(M, top_k=9)), {}, r"MoEConfig.top_k=9 must be <= num_experts=8"),
     ("moe dispatch", dict(moe=dataclasses.replace(M, dispatch="x")), {}, r"MoEConfig.dispatch='x'"),
     ("moe capacity", dict(moe=dataclasses.replace(M, capacity_factor=0.0)), {}, r"MoEConfig.capacity_factor=0.0"),

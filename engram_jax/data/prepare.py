@@ -130,9 +130,9 @@ def build_corpus(data_dir: str | os.PathLike, docs_by_source: dict[str, Sequence
     splits = write_shards(docs_by_source, work, seed=seed, num_train_shards=num_train_shards,
                           validation_fraction=validation_fraction)
     log(f"corpus: training a {vocab_size}-piece SentencePiece vocabulary on {splits['train']['docs']:,} documents "
-        "(about half a minute per 20 MB on 2 cores) ...")
+        "(about half a minute per 20 MB on 2 cores; progress every few seconds) ...")
     vocab = train_sentencepiece([str(work / s["file"]) for s in splits["train"]["shards"]], work / VOCAB_PREFIX,
-                                vocab_size=vocab_size, seed=seed, input_sentence_size=input_sentence_size)
+                                vocab_size=vocab_size, seed=seed, input_sentence_size=input_sentence_size, log=log)
     manifest = {"format_version": FORMAT_VERSION, "created_by": CREATED_BY,
                 "args": args or {"sources": sorted(docs_by_source), "vocab_size": vocab_size, "seed": seed},
                 "seed": seed, "shard_format": "UTF-8, one document per line, in-document newlines stored as "

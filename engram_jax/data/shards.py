@@ -9,15 +9,19 @@ Shards are read line by line as bytes: empty and non-UTF-8 lines are skipped and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from engram_jax.data.progress import Heartbeat
 from engram_jax.data.sources import SkipCounts, _sha256, clean_text
+
+SP_MB_PER_S_PER_THREAD = 0.35  # SentencePiece unigram training here: about 20 MB in 30 s on 2 cores
 
 VOCAB_PREFIX = "spm"  # -> spm.model, spm.vocab
 SPLITS = ("train", "validation")
@@ -128,10 +132,12 @@ def train_sentencepiece(
   input_sentence_size: int = 300_000,
   seed: int = 0,
   num_threads: int = 2,
+  log: Callable[[str], None] | None = None,
 ) -> dict:
   """Trains a seqio-compatible SentencePiece model (pad=0, eos=1, unk=2, no bos, byte fallback).
 
   Returns the manifest's 'vocab' entry. `input_sentence_size` sentences are sampled (bounds time and memory).
+  With `log`, a heartbeat line (elapsed, MB, ETA) is logged every few seconds while SentencePiece trains.
   """
   import sentencepiece as spm  # no TensorFlow
 
@@ -142,24 +148,12 @@ def train_sentencepiece(
     keep = np.sort(np.random.default_rng(seed).choice(len(sentences), input_sentence_size, replace=False))
     sentences = [sentences[i] for i in keep]
   spm.set_random_generator_seed(seed)
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(sentences),
-    model_prefix=str(model_prefix),
-    vocab_size=vocab_size,
-    model_type=model_type,
-    character_coverage=0.9999,
-    byte_fallback=True,
-    pad_id=0,
-    eos_id=1,
-    unk_id=2,
-    bos_id=-1,
-    input_sentence_size=0,
-    shuffle_input_sentence=False,
-    max_sentence_length=16384,
-    num_threads=num_threads,
-    minloglevel=2,
-    hard_vocab_limit=False,
-  )
+  size_mb = sum(len(x) for x in sentences) / 1e6
+  expected_s = 2.0 + size_mb / (SP_MB_PER_S_PER_THREAD * max(num_threads, 1))
+  beat = (Heartbeat(log, f"corpus: SentencePiece {vocab_size}-piece {model_type}", size_mb=size_mb,
+                    expected_s=expected_s) if log else contextlib.nullcontext())
+  with beat:
+    _train_spm(spm, sentences, model_prefix, vocab_size, model_type, num_threads)
   seconds = time.perf_counter() - t0
   model = Path(f"{model_prefix}.model")
   sp = spm.SentencePieceProcessor(model_file=str(model))
@@ -180,3 +174,25 @@ def train_sentencepiece(
     "train_seconds": round(seconds, 2),
     "skipped_lines": skipped.as_dict(),
   }
+
+
+def _train_spm(spm, sentences: list[str], model_prefix: Path, vocab_size: int, model_type: str,
+               num_threads: int) -> None:
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(sentences),
+    model_prefix=str(model_prefix),
+    vocab_size=vocab_size,
+    model_type=model_type,
+    character_coverage=0.9999,
+    byte_fallback=True,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    max_sentence_length=16384,
+    num_threads=num_threads,
+    minloglevel=2,
+    hard_vocab_limit=False,
+  )

@@ -20,11 +20,13 @@ import functools
 import os
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
-from engram_jax import fileio
-from engram_jax.data import packing, prepare
+from engram_jax import fileio, platforms
+
+tf = platforms.import_tensorflow()  # before seqio, which imports TensorFlow too
+import seqio  # noqa: E402
+
+from engram_jax.data import packing, prepare  # noqa: E402
 
 CORPUS_TASK = "engram_corpus_en"
 C4_TASK = "c4_en_pretrain"
@@ -37,17 +39,6 @@ _REGISTERED: dict[str, tuple] = {}  # task name -> what it was registered with (
 _CORPUS_TASKS: set[str] = set()  # tasks small enough to tokenize once and keep in memory
 _MIXTURES: dict[str, tuple[tuple[str, float], ...]] = {}  # mixture name -> (in-memory task, rate) pairs
 _FACTORIES: dict[str, object] = {}  # task-name prefix -> fn(name, data_dir) that registers that task or mixture
-
-
-def _cpu_only() -> None:
-  """Keeps TensorFlow off accelerators (JAX owns them). Must run before TF touches a device."""
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # devices already initialised (then they were set before, or TF found none)
-    pass
-
-
-_cpu_only()
 
 
 def parse_lines(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -77,6 +77,29 @@ def table_row_shards(mesh: Mesh | None, rules: sharding.Rules = sharding.DEFAULT
   return 1 if mesh is None else _size(mesh, _mesh_axes(mesh, "table_rows", rules))
 
 
+def table_num_rows(total_rows: int, multiple: int) -> int:
+  """Rows of a flat table: its hashed rows padded to EngramConfig.table_row_multiple. Independent of the mesh, so
+  a checkpoint moves between meshes; check_table_rows tells whether a mesh can split it."""
+  return -(-total_rows // multiple) * multiple
+
+
+def check_table_rows(num_rows: int, total_rows: int, multiple: int, mesh: Mesh | None, layer_id: int,
+                     rules: sharding.Rules = sharding.DEFAULT_RULES) -> None:
+  """Raises ValueError (before anything compiles) when the mesh's table-row shards do not divide the table."""
+  shards = table_row_shards(mesh, rules)
+  if num_rows % shards == 0:
+    return
+  axes = _mesh_axes(mesh, "table_rows", rules)
+  works = [d for d in range(1, 129) if num_rows % d == 0]
+  raise ValueError(
+      f"the Engram table of layer {layer_id} has {num_rows} rows ({total_rows} hashed rows padded to "
+      f"EngramConfig.table_row_multiple={multiple}), which the mesh {dict(mesh.shape)} cannot split: its table-row "
+      f"axes {axes} make {shards} shards. Table shapes do not depend on the mesh (a checkpoint moves between "
+      f"meshes), so the shard count must divide the rows: meshes whose table-row axes hold "
+      f"{', '.join(map(str, works))}{', ...' if num_rows > 128 else ''} devices work. Fix: use such a mesh, or train "
+      f"with EngramConfig.table_row_multiple a multiple of {shards} (e.g. {math.lcm(multiple, shards)}).")
+
+
 def lookup_take(table: jax.Array, rows: jax.Array, mesh: Mesh | None = None,
                 rules: sharding.Rules = sharding.DEFAULT_RULES) -> jax.Array:
   """GSPMD baseline: jnp.take with the table pinned to its row sharding, which also pins its gradient's
@@ -318,10 +341,6 @@ def _concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _padded_rows(total: int, multiple: int) -> int:
-  return -(-total // multiple) * multiple
-
-
 class Engram(nnx.Module):
   """One Engram layer: hash -> table lookup -> per-branch context gate -> short conv. Returns the residual update.
 
@@ -362,8 +381,8 @@ class Engram(nnx.Module):
     self.layer_id = hash_spec.layer_id
     self.offsets = tuple(int(o) for o in hash_spec.offsets)  # [H] static
     g, e = config.num_branches, config.memory_width
-    multiple = math.lcm(config.table_row_multiple, table_row_shards(mesh, rules))
-    self.num_rows = _padded_rows(hash_spec.total_rows, multiple)  # rows past total_rows are never read
+    self.num_rows = table_num_rows(hash_spec.total_rows, config.table_row_multiple)  # rows past total_rows: unread
+    check_table_rows(self.num_rows, hash_spec.total_rows, config.table_row_multiple, mesh, layer_id, rules)
 
     # Initialisation, all in one place: table ~ N(0, std^2) (padding rows past total_rows, never read, 0);
     # projections ~ N(0, 1/E) (lecun normal), biases 0; norm scales 1; conv weights 0 (the conv branch starts as

@@ -58,6 +58,14 @@ def validate_config(config: ModelConfig, mesh: Mesh | None = None) -> None:
                        f"hc_expansion={c.hc_expansion} (one Engram gate per residual branch)")
   if c.moe is not None and c.num_dense_layers < c.num_layers:
     validate_moe_config(c.moe, mesh)
+  if c.engram_layers and mesh is not None:  # table shapes are mesh-independent: the mesh must split them
+    from engram_jax import hashing  # Lazy, as in the model: only Engram models need these.
+    from engram_jax.layers.engram import check_table_rows, table_num_rows
+    primes = hashing.allocate_primes(c.engram.table_base_sizes, c.engram.heads_per_order, c.engram_layers)
+    for layer_id, per_order in primes.items():
+      total = sum(p for order in per_order for p in order)
+      check_table_rows(table_num_rows(total, c.engram.table_row_multiple), total, c.engram.table_row_multiple, mesh,
+                       layer_id)
   if mesh is not None:
     model = mesh.shape.get("model", 1)
     for name in ("num_heads", "num_kv_heads", "dense_hidden", "vocab_size"):
