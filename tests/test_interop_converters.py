@@ -303,3 +303,52 @@ def test_safetensors_io_agrees_with_the_safetensors_package(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "theirs.safetensors"]  # no temp files
   with pytest.raises(FileNotFoundError, match="no such safetensors"):
     open_tensors(tmp_path / "missing.safetensors")
+
+
+# -- ablated layers (EngramConfig.short_conv=False / gate=False) ------------------------------------------------
+
+
+def test_conv_less_layer_exports_as_a_zero_conv_and_round_trips_through_every_layout(tmp_path):
+  """short_conv=False is written as zero conv weights (the same output: SiLU(0) = 0, checked against the demo's
+  NumPy forward), reads back exactly, and a file whose conv is nonzero is refused with the field named."""
+  cfg = dataclasses.replace(CFG, short_conv=False)
+  layer = _layer(cfg, seed=11)
+  params = common.layer_params(layer)
+  assert "conv_weight" not in params
+  h, ids = _inputs(seed=11)
+  sd = demo.to_demo_state_dict(layer)
+  np.testing.assert_array_equal(sd["short_conv.conv.weight"], 0)
+  sd64 = {k: np.asarray(v, np.float64) if v.dtype.kind == "f" else v for k, v in sd.items()}
+  want = demo_forward_numpy(sd64, h, np.asarray(layer.hash(ids)), cfg.max_ngram, cfg.gate_eps, cfg.conv_eps)
+  np.testing.assert_allclose(np.asarray(layer(h, ids)), want, rtol=2e-4, atol=2e-5)
+  _assert_params_equal(demo.from_demo_state_dict(layer, sd), params)
+  _assert_params_equal(maxtext.from_maxtext_tree(layer, maxtext.to_maxtext_tree(layer)), params)
+  maxtext.save_maxtext(layer, tmp_path / "tree.safetensors")
+  fresh = _layer(cfg, seed=12)
+  maxtext.load_maxtext(fresh, tmp_path / "tree.safetensors")
+  np.testing.assert_array_equal(np.asarray(fresh(h, ids)), np.asarray(layer(h, ids)))
+  with_conv = demo.to_demo_state_dict(_layer(seed=11))  # random nonzero conv
+  with pytest.raises(ValueError, match=r"short conv weights are nonzero.*EngramConfig\(short_conv=True\)"):
+    demo.from_demo_state_dict(layer, with_conv)
+  no_bias = _layer(dataclasses.replace(cfg, projection_bias=False, gate_norm_eps=1e-6), seed=13)
+  v41 = deepseek_v41.from_v41_tensors(no_bias, deepseek_v41.to_v41_tensors(no_bias))  # no drop_conv needed
+  assert set(v41) == set(common.layer_params(no_bias))
+
+
+def test_gate_less_layer_is_refused_by_every_layout_but_takes_a_v41_table():
+  cfg = dataclasses.replace(CFG, gate=False, projection_bias=False, gate_norm_eps=1e-6)
+  layer = _layer(cfg, seed=14)
+  gated = _layer(dataclasses.replace(cfg, gate=True), seed=15)
+  for call in (lambda: demo.to_demo_state_dict(layer), lambda: maxtext.to_maxtext_tree(layer),
+               lambda: deepseek_v41.to_v41_tensors(layer),
+               lambda: demo.from_demo_state_dict(layer, demo.to_demo_state_dict(gated)),
+               lambda: maxtext.from_maxtext_tree(layer, maxtext.to_maxtext_tree(gated))):
+    with pytest.raises(ValueError, match=r"no context gate \(EngramConfig.gate=False\)"):
+      call()
+  tensors = deepseek_v41.to_v41_tensors(gated, drop_conv=True)
+  with pytest.raises(ValueError, match="gate=False"):
+    deepseek_v41.from_v41_tensors(layer, tensors)
+  params = deepseek_v41.from_v41_tensors(layer, tensors, table_only=True)
+  want = deepseek_v41.from_v41_tensors(gated, tensors, table_only=True)["table"]
+  np.testing.assert_array_equal(params["table"], want)
+  assert set(params) == set(common.layer_params(layer))

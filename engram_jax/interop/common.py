@@ -7,6 +7,11 @@ J conv taps, V table rows (padded), T = total_rows (the real rows, sum of the he
   norm), conv_norm [G, D], conv_weight [J, G, D] (conv_weight[j] multiplies the input j * dilation back),
   value_bias [D] and key_bias [G, D] with EngramConfig.projection_bias.
 Outside formats store only the T real rows of the table; rows T..V are padding that is never read (zero here).
+
+Ablated layers: every outside layout has a short conv and a context gate. A layer without the conv
+(EngramConfig.short_conv=False) is written as zero conv weights and unit conv norm gains, which compute the same
+output (SiLU(0) = 0), and read back only if the file's conv weights are zero. A layer without the gate
+(EngramConfig.gate=False, alpha = 1) has no form in these layouts (their gate is a sigmoid, never exactly 1).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax.layers.engram import BIAS_NAMES, param_names
+from engram_jax.layers.engram import BIAS_NAMES, CONV_NAMES, param_names
 
 
 def layer_params(layer) -> dict[str, np.ndarray]:
@@ -27,6 +32,49 @@ def layer_params(layer) -> dict[str, np.ndarray]:
 def expected_shapes(layer) -> dict[str, tuple[int, ...]]:
   """Shape of every parameter of `layer`."""
   return {name: tuple(getattr(layer, name)[...].shape) for name in param_names(layer.config)}
+
+
+def check_gate(layer, fmt: str) -> None:
+  """A layer without the context gate cannot be written to or read from a layout that always applies one."""
+  if not layer.config.gate:
+    raise ValueError(f"{fmt}: the layer has no context gate (EngramConfig.gate=False) and this layout always applies "
+                     "one (a sigmoid, never exactly 1), so no file in it computes what the layer computes; keep "
+                     "gate-less models in engram_jax run directories, or convert a model built with gate=True")
+
+
+def _conv_shapes(layer) -> dict[str, tuple[int, ...]]:
+  """The short conv's parameter shapes for the layer's config, whether or not the layer has the conv."""
+  g, d = layer.config.num_branches, layer.d_model
+  return {"conv_norm": (g, d), "conv_weight": (layer.config.kernel_size, g, d)}
+
+
+def export_params(layer, fmt: str) -> dict[str, np.ndarray]:
+  """The layer's parameters in the form every layout stores: a conv-less layer gets zero conv weights and unit conv
+  norm gains (the same output); a gate-less layer is refused (check_gate)."""
+  check_gate(layer, fmt)
+  params = layer_params(layer)
+  if not layer.config.short_conv:
+    shapes = _conv_shapes(layer)
+    params["conv_norm"] = np.ones(shapes["conv_norm"], np.float32)
+    params["conv_weight"] = np.zeros(shapes["conv_weight"], np.float32)
+  return params
+
+
+def import_shapes(layer, fmt: str) -> dict[str, tuple[int, ...]]:
+  """The shapes a layout's file must have for `layer` (conv shapes included for a conv-less layer)."""
+  check_gate(layer, fmt)
+  return expected_shapes(layer) | _conv_shapes(layer)
+
+
+def drop_conv_if_zero(layer, params: dict[str, np.ndarray], fmt: str) -> dict[str, np.ndarray]:
+  """A file's conv loaded into a conv-less layer: fine when its weights are zero (the conv adds nothing), an error
+  otherwise."""
+  if layer.config.short_conv:
+    return params
+  if np.any(params["conv_weight"] != 0):
+    raise ValueError(f"{fmt}: the file's short conv weights are nonzero but the layer has no short conv; build it "
+                     "with EngramConfig(short_conv=True)")
+  return {k: v for k, v in params.items() if k not in CONV_NAMES}
 
 
 def check_shape(name: str, value, expected: tuple[int, ...], fmt: str, hint: str = "") -> np.ndarray:

@@ -77,8 +77,9 @@ def check_config(layer, config: Mapping) -> None:
 
 
 def to_v41_tensors(layer, *, drop_conv: bool = False, norm_dtype=ml_dtypes.bfloat16) -> dict[str, np.ndarray]:
-  """Our layer -> the V4.1-style tensors (fp8 table and wkv with block scales, norm gains in `norm_dtype`)."""
-  p = common.layer_params(layer)
+  """Our layer -> the V4.1-style tensors (fp8 table and wkv with block scales, norm gains in `norm_dtype`). A
+  conv-less layer needs no drop_conv; a gate-less one is refused."""
+  p = common.export_params(layer, FORMAT)
   if not drop_conv:
     for name in ("conv_weight", "value_bias", "key_bias"):
       if name in p and np.any(p[name] != 0):
@@ -100,9 +101,9 @@ def to_v41_tensors(layer, *, drop_conv: bool = False, norm_dtype=ml_dtypes.bfloa
 
 def from_v41_tensors(layer, tensors: Mapping, *, table_only: bool = False) -> dict[str, np.ndarray]:
   """V4.1-style tensors -> our parameters (dequantised to float32). table_only: take the table, keep the rest
-  of the layer's parameters."""
-  shapes = common.expected_shapes(layer)
-  g, e, d = shapes["key_proj"]
+  of the layer's parameters (the one way into a gate-less layer: the gate is not read)."""
+  shapes = common.expected_shapes(layer) if table_only else common.import_shapes(layer, FORMAT)
+  g, e, d = layer.config.num_branches, layer.config.memory_width, layer.d_model
   t, hd = layer.spec.total_rows, shapes["table"][1]
   names = _names(layer.spec.layer_id)
 
@@ -122,9 +123,10 @@ def from_v41_tensors(layer, tensors: Mapping, *, table_only: bool = False) -> di
       key_proj=np.ascontiguousarray(wkv[:g * d].reshape(g, d, e).transpose(0, 2, 1)),  # [G, E, D]
       value_proj=np.ascontiguousarray(wkv[g * d:].T),  # [E, D]
       gate_norm_k=get("k_weight", (g, d)).astype(np.float32),
-      gate_norm_h=get("q_weight", (g, d)).astype(np.float32),
-      conv_weight=np.zeros(shapes["conv_weight"], np.float32),  # no conv: SiLU(0) = 0
-      conv_norm=np.ones(shapes["conv_norm"], np.float32))
+      gate_norm_h=get("q_weight", (g, d)).astype(np.float32))
+  if layer.config.short_conv:  # the layout has no conv: zero weights add nothing (SiLU(0) = 0)
+    params.update(conv_weight=np.zeros(shapes["conv_weight"], np.float32),
+                  conv_norm=np.ones(shapes["conv_norm"], np.float32))
   for name in ("value_bias", "key_bias"):
     if name in params:
       params[name] = np.zeros(shapes[name], np.float32)

@@ -29,8 +29,9 @@ FORMAT = "engram demo state dict"
 
 
 def to_demo_state_dict(layer, prefix: str = "") -> dict[str, np.ndarray]:
-  """Our layer -> the demo's state dict (float32; biases are zero when the layer has none)."""
-  p = common.layer_params(layer)
+  """Our layer -> the demo's state dict (float32; biases are zero when the layer has none, the conv is zero when the
+  layer has none; a gate-less layer is refused)."""
+  p = common.export_params(layer, FORMAT)
   g, e, d = p["key_proj"].shape
   taps = p["conv_weight"].shape[0]
   t = layer.spec.total_rows
@@ -52,7 +53,7 @@ def to_demo_state_dict(layer, prefix: str = "") -> dict[str, np.ndarray]:
 
 def from_demo_state_dict(layer, state_dict, prefix: str = "") -> dict[str, np.ndarray]:
   """The demo's state dict -> our parameters for `layer` (shapes, head offsets and branch count checked)."""
-  shapes = common.expected_shapes(layer)
+  shapes = common.import_shapes(layer, FORMAT)
   g, e, d = shapes["key_proj"]
   taps = shapes["conv_weight"][0]
   t, hd = layer.spec.total_rows, shapes["table"][1]
@@ -87,7 +88,7 @@ def from_demo_state_dict(layer, state_dict, prefix: str = "") -> dict[str, np.nd
       "conv_weight": conv.reshape(g, d, taps).transpose(2, 0, 1)[::-1],  # [J, G, D], tap j reads j * dilation back
   }
   params = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
-  return common.drop_biases_if_zero(layer, params, FORMAT)
+  return common.drop_conv_if_zero(layer, common.drop_biases_if_zero(layer, params, FORMAT), FORMAT)
 
 
 def save_demo(layer, path: str | Path, prefix: str = "") -> None:

@@ -29,7 +29,7 @@ FORMAT = "MaxText engram tree"
 
 def to_maxtext_tree(layer) -> dict:
   """Our layer -> MaxText's Engram parameter tree (nested dicts of float32 numpy arrays)."""
-  p = common.layer_params(layer)
+  p = common.export_params(layer, FORMAT)
   g, e, d = p["key_proj"].shape
   taps = p["conv_weight"].shape[0]
   t = layer.spec.total_rows
@@ -48,7 +48,7 @@ def to_maxtext_tree(layer) -> dict:
 
 def from_maxtext_tree(layer, tree: Mapping) -> dict[str, np.ndarray]:
   """MaxText's Engram tree -> our parameters for `layer` (every shape checked, errors name the tensor)."""
-  shapes = common.expected_shapes(layer)
+  shapes = common.import_shapes(layer, FORMAT)
   g, e, d = shapes["key_proj"]
   taps = shapes["conv_weight"][0]
   t, hd = layer.spec.total_rows, shapes["table"][1]
@@ -75,7 +75,7 @@ def from_maxtext_tree(layer, tree: Mapping) -> dict[str, np.ndarray]:
                          ).reshape(taps, g, d)[::-1],
   }
   params = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
-  return common.drop_biases_if_zero(layer, params, FORMAT)
+  return common.drop_conv_if_zero(layer, common.drop_biases_if_zero(layer, params, FORMAT), FORMAT)
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
