@@ -107,6 +107,10 @@ def test_bad_experiment_configs_name_the_field():
     me.ExperimentConfig(kind="infinite_memory", base=base, slots=(100,))
   with pytest.raises(ValueError, match="EngramConfig"):
     me.ExperimentConfig(base=ModelConfig())
+  with pytest.raises(ValueError, match="include 'adam_dense'"):
+    me.ExperimentConfig(kind="table_optimizer", base=base, table_optimizers=("adam_lazy",))
+  with pytest.raises(ValueError, match="unknown \\['lamb'\\]"):
+    me.ExperimentConfig(kind="table_optimizer", base=base, table_optimizers=("adam_dense", "lamb"))
 
 
 def test_ablation_plan_keeps_table_slots_where_it_says():
@@ -121,3 +125,35 @@ def test_ablation_plan_keeps_table_slots_where_it_says():
     assert abs(rows[name] / rows["full"] - 1) < 0.01, name  # equal slots (up to prime rounding and padding)
   assert rows["moe_only"] == 0 and rows["capacity_one"] == 1024 < rows["full"]  # 8 rows, padded to table_row_multiple
   assert rows["layers_every"] == pytest.approx(4 * rows["full"], rel=0.01)  # one full table per block
+
+
+def test_table_optimizer_plan_changes_only_the_table_optimizer_and_writes_results(tmp_path):
+  """The quality experiment's points differ from the reference run only in OptimizerConfig.table_optimizer; with
+  a stand-in train function (losses by hand) the runner writes the gaps to adam_dense and skips finished runs."""
+  import dataclasses
+  from engram_jax import configurables, cli
+  exp, run, _ = configurables.resolve("experiment", ["configs/experiments/table_optimizer_quality.gin"],
+                                      entry=cli.EXPERIMENT)
+  points = me.plan(exp, run)
+  assert [p[0] for p in points] == ["adam_dense", "adam_lazy", "adagrad_rowwise"]
+  for name, model, r in points:
+    assert model == exp.base and r.optimizer.table_optimizer == name
+    assert dataclasses.replace(r, optimizer=run.optimizer) == run
+  losses = {("adam_dense", 0): 6.24, ("adam_dense", 1): 6.26, ("adam_lazy", 0): 6.25, ("adam_lazy", 1): 6.27,
+            ("adagrad_rowwise", 0): 6.40, ("adagrad_rowwise", 1): 6.42}
+  trained = []
+
+  def fake_train(model, cfg, run_dir):
+    trained.append((cfg.optimizer.table_optimizer, cfg.seed))
+    return {"final_val_loss": losses[trained[-1]], "val_curve": [[0, 9.0], [cfg.steps, losses[trained[-1]]]]}
+
+  res = me.run_experiment(exp, run, str(tmp_path), train_fn=fake_train, command="test", log=lambda s: None)
+  assert sorted(trained) == sorted(losses)
+  pts = res["summary"]["points"]
+  assert res["summary"]["reference"] == "adam_dense"
+  assert pts["adam_lazy"]["gap"] == pytest.approx(0.01) and pts["adagrad_rowwise"]["gap"] == pytest.approx(0.16)
+  assert pts["adagrad_rowwise"]["gap_in_seed_std"] == pytest.approx(0.16 / math.sqrt(0.02 ** 2 / 2))
+  assert (tmp_path / "table_optimizers.png").stat().st_size > 0
+  trained.clear()
+  me.run_experiment(exp, run, str(tmp_path), train_fn=fake_train, command="test", log=lambda s: None)
+  assert trained == []

@@ -1,14 +1,18 @@
-"""Two experiments on one fixed backbone, each one resumable command (arXiv 2601.07372):
+"""Three experiments on one fixed model, each one resumable command (arXiv 2601.07372):
 
   'ablation'         the full Engram+MoE model against one change at a time (no gate, no short conv, no tokenizer
                      compression, one branch, one head per order, 4-grams, injection early / late / every layer, a
                      capacity-1 table) and the backbone without memory, at one token budget;
   'infinite_memory'  the backbone with table slots swept over `slots` for each memory variant (Engram,
                      OverEncoding arXiv 2501.16975, every-layer bigram; engram_jax.models.memory_variants): loss vs
-                     slots with a log-linear fit per variant and its slope's standard error.
+                     slots with a log-linear fit per variant and its slope's standard error;
+  'table_optimizer'  the full model trained with each table optimizer (OptimizerConfig.table_optimizer: the
+                     row-sparse 'adam_lazy', 'adagrad_rowwise', 'sgd' against the reference 'adam_dense'): does the
+                     cheaper update cost quality?
 
     python -m engram_jax.experiments.memory_experiments --gin_file=configs/experiments/ablation_cpu.gin
     python -m engram_jax.experiments.memory_experiments --gin_file=configs/experiments/infinite_memory_cpu.gin
+    python -m engram_jax.experiments.memory_experiments --gin_file=configs/experiments/table_optimizer_quality.gin
 
 Every (point, seed) trains with engram_jax.train (RunConfig.seed varies: init and data order; all points of a seed
 see the same batches) into `<out_dir>/<point>_seed<s>/`; a finished one leaves `point_result.json` and is skipped
@@ -33,8 +37,9 @@ from engram_jax.experiments.sparsity_allocation import software_versions
 from engram_jax.experiments.sweep_report import _figure, _save, final_loss
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.memory_variants import VARIANTS, memory_model
+from engram_jax.optim import TABLE_OPTIMIZERS
 
-KINDS = ("ablation", "infinite_memory")
+KINDS = ("ablation", "infinite_memory", "table_optimizer")
 
 
 def _engram(**changes):
@@ -70,8 +75,9 @@ ABLATIONS: dict[str, Callable] = {
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  """What one experiment trains. `base`: for 'ablation' the full Engram+MoE model; for 'infinite_memory' the
-  backbone whose `engram` field gives head_dim, orders, heads and branches (its table sizes are set per point)."""
+  """What one experiment trains. `base`: for 'ablation' and 'table_optimizer' the full Engram+MoE model; for
+  'infinite_memory' the backbone whose `engram` field gives head_dim, orders, heads and branches (its table sizes
+  are set per point)."""
 
   kind: str = "ablation"  # 'ablation' or 'infinite_memory'.
   base: ModelConfig | None = None
@@ -80,6 +86,7 @@ class ExperimentConfig:
   slots: tuple[int, ...] = ()  # 'infinite_memory': total table rows per point (all layers, orders and heads).
   variants: tuple[str, ...] = VARIANTS  # 'infinite_memory': the memory variants given each slot count.
   engram_layers: tuple[int, ...] = (1,)  # 'infinite_memory': where the 'engram' variant sits.
+  table_optimizers: tuple[str, ...] = ("adam_dense", "adam_lazy", "adagrad_rowwise")  # 'table_optimizer' points.
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -92,6 +99,10 @@ class ExperimentConfig:
     if self.kind == "ablation" and (bad or "full" not in self.ablations):
       raise ValueError(f"ExperimentConfig.ablations={self.ablations}: unknown {bad}; choose from {tuple(ABLATIONS)} "
                        "and include 'full' (the reference)")
+    bad = [o for o in self.table_optimizers if o not in TABLE_OPTIMIZERS]
+    if self.kind == "table_optimizer" and (bad or "adam_dense" not in self.table_optimizers):
+      raise ValueError(f"ExperimentConfig.table_optimizers={self.table_optimizers}: unknown {bad}; choose from "
+                       f"{TABLE_OPTIMIZERS} and include 'adam_dense' (the reference)")
     if self.kind == "infinite_memory":
       if len(self.slots) < 2 or any(s < 1 for s in self.slots):
         raise ValueError(f"ExperimentConfig.slots={self.slots}: give at least two positive slot counts")
@@ -105,6 +116,10 @@ def plan(exp: ExperimentConfig, run) -> list[tuple[str, ModelConfig, object]]:
   if exp.kind == "ablation":
     return [(name, *ABLATIONS[name](exp.base, run)) for name in ("full",) + tuple(
         a for a in exp.ablations if a != "full")]
+  if exp.kind == "table_optimizer":
+    return [(name, exp.base, dataclasses.replace(run, optimizer=dataclasses.replace(run.optimizer,
+                                                                                     table_optimizer=name)))
+            for name in ("adam_dense",) + tuple(o for o in exp.table_optimizers if o != "adam_dense")]
   backbone = dataclasses.replace(exp.base, engram_layers=())
   points = [("moe_only", dataclasses.replace(backbone, engram=None), run)]
   for variant in exp.variants:
@@ -114,7 +129,7 @@ def plan(exp: ExperimentConfig, run) -> list[tuple[str, ModelConfig, object]]:
 
 
 def reference_name(exp: ExperimentConfig) -> str:
-  return "full" if exp.kind == "ablation" else "moe_only"
+  return {"ablation": "full", "table_optimizer": "adam_dense"}.get(exp.kind, "moe_only")
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -176,12 +191,12 @@ def fits(runs: Sequence[dict]) -> dict[str, dict | None]:
 
 
 def plot(summary: dict, fit: dict, kind: str, path: str) -> None:
-  """'ablation': mean loss per point with seed error bars; 'infinite_memory': loss vs slots (log x) per variant,
-  with the fit and the memory-free backbone as a band."""
+  """'ablation' / 'table_optimizer': mean loss per point with seed error bars; 'infinite_memory': loss vs slots
+  (log x) per variant, with the fit and the memory-free backbone as a band."""
   fig, axes = _figure(1)
   ax = axes[0, 0]
   pts = summary["points"]
-  if kind == "ablation":
+  if kind != "infinite_memory":
     names = list(pts)
     ax.barh(range(len(names)), [pts[n]["mean_val_loss"] for n in names],
             xerr=[pts[n]["std_val_loss"] for n in names], capsize=3, color="tab:blue", alpha=0.7)
@@ -189,9 +204,10 @@ def plot(summary: dict, fit: dict, kind: str, path: str) -> None:
     lo = min(min(p["val_losses"]) for p in pts.values())
     hi = max(max(p["val_losses"]) for p in pts.values())
     ax.set_xlim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
-    ax.axvline(pts["full"]["mean_val_loss"], color="black", lw=0.8)
+    ax.axvline(pts[summary["reference"]]["mean_val_loss"], color="black", lw=0.8)
     ax.set_xlabel("final validation loss (mean ± std over seeds)")
-    ax.set_title("Engram ablations (line: full model)")
+    ax.set_title("Engram ablations (line: full model)" if kind == "ablation"
+                 else "Table optimizers (line: adam_dense)")
   else:
     for i, (variant, f) in enumerate(fit.items()):
       vp = sorted((p for p in pts.values() if p["variant"] == variant), key=lambda p: p["slots"])
@@ -300,7 +316,7 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
              "tokens_per_run": (run.stop_after or run.steps) * run.batch_size * run.seq_len}
   results = json.loads(json.dumps(_jsonable(results)))
   _write_json(os.path.join(out_dir, "results.json"), results)
-  png = "ablation.png" if exp.kind == "ablation" else "loss_vs_slots.png"
+  png = {"ablation": "ablation.png", "table_optimizer": "table_optimizers.png"}.get(exp.kind, "loss_vs_slots.png")
   plot(summary, fit, exp.kind, os.path.join(out_dir, png))
   from engram_jax import fileio  # noqa: PLC0415
   fileio.atomic_write(os.path.join(out_dir, "README.md"), readme(results))
