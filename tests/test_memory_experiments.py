@@ -157,3 +157,17 @@ def test_table_optimizer_plan_changes_only_the_table_optimizer_and_writes_result
   trained.clear()
   me.run_experiment(exp, run, str(tmp_path), train_fn=fake_train, command="test", log=lambda s: None)
   assert trained == []
+  # report_only: a partial report of the finished runs, nothing trained, the missing ones named
+  partial = tmp_path / "partial"
+  for name in ("adam_dense_seed0", "adam_dense_seed1", "adam_lazy_seed0"):
+    (partial / name).mkdir(parents=True)
+    (partial / name / "point_result.json").write_bytes((tmp_path / name / "point_result.json").read_bytes())
+  res = me.run_experiment(dataclasses.replace(exp, report_only=True), run, str(partial), train_fn=fake_train,
+                          command="test", log=lambda s: None)
+  assert trained == [] and res["not_finished"] == ["adam_lazy_seed1", "adagrad_rowwise_seed0",
+                                                    "adagrad_rowwise_seed1"]
+  assert res["summary"]["points"]["adam_lazy"]["gap"] == pytest.approx(0.0)  # 6.25 - mean(6.24, 6.26)
+  assert "Not finished (left out of this report): adam_lazy_seed1" in (partial / "README.md").read_text()
+  with pytest.raises(ValueError, match="no finished run"):
+    me.run_experiment(dataclasses.replace(exp, report_only=True), run, str(tmp_path / "empty"),
+                      train_fn=fake_train, log=lambda s: None)

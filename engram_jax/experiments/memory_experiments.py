@@ -87,6 +87,7 @@ class ExperimentConfig:
   variants: tuple[str, ...] = VARIANTS  # 'infinite_memory': the memory variants given each slot count.
   engram_layers: tuple[int, ...] = (1,)  # 'infinite_memory': where the 'engram' variant sits.
   table_optimizers: tuple[str, ...] = ("adam_dense", "adam_lazy", "adagrad_rowwise")  # 'table_optimizer' points.
+  report_only: bool = False  # Train nothing: summarise the finished runs (a partial report while runs are left).
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -256,6 +257,8 @@ def readme(results: dict) -> str:
         se = "" if f["slope_se"] is None else f"{f['slope_se']:.4f}"
         r2 = "" if f["r2"] is None else f"{f['r2']:.3f}"
         lines.append(f"| {v} | {f['slope_per_doubling']:+.4f} | {se} | {r2} | {f['n']} |")
+  if results.get("not_finished"):
+    lines += ["", f"Not finished (left out of this report): {', '.join(results['not_finished'])}."]
   lines += ["", "Mechanical reading (|gap| < 2 seed std is called inconclusive):", ""]
   for name, p in s["points"].items():
     if p.get("gap_in_seed_std") is not None:
@@ -276,7 +279,7 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
   points = plan(exp, run)
   seq_len = run.seq_len
   log(f"{exp.kind}: {len(points)} points x {len(exp.seeds)} seeds")
-  runs = []
+  runs, missing = [], []
   for name, model, run_cfg in points:
     b = budget.compute_budget(model, seq_len)
     for seed in exp.seeds:
@@ -292,6 +295,10 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
         log(f"[{rname}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")
         runs.append(done)
         continue
+      if exp.report_only:
+        missing.append(rname)
+        log(f"[{rname}] not finished: left out of the report (report_only)")
+        continue
       os.makedirs(run_dir, exist_ok=True)
       cfg = dataclasses.replace(run_cfg, seed=seed)
       log(f"[{rname}] training: P_tot={b.total} P_act={b.active} table={b.engram_table}")
@@ -306,13 +313,15 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
       _write_json(path, record)
       runs.append(json.loads(json.dumps(_jsonable(record))))
       log(f"[{rname}] val loss {final_loss(result):.4f} in {record['wall_s']:.0f} s")
+  if not runs:
+    raise ValueError(f"{out_dir}: no finished run to report; run without ExperimentConfig.report_only first")
   summary = summarise(runs, reference_name(exp))
   for p in summary["points"].values():  # one number for the table
     p["params"] = p["params"]["total"] if p["params"] else None
   fit = fits(runs) if exp.kind == "infinite_memory" else {}
   results = {"experiment": exp, "command": command or " ".join([sys.executable] + sys.argv),
              "versions": software_versions(), "run": run, "summary": summary, "fits": fit, "runs": runs,
-             "train_wall_s": sum(r["wall_s"] for r in runs),
+             "train_wall_s": sum(r["wall_s"] for r in runs), "not_finished": missing,
              "tokens_per_run": (run.stop_after or run.steps) * run.batch_size * run.seq_len}
   results = json.loads(json.dumps(_jsonable(results)))
   _write_json(os.path.join(out_dir, "results.json"), results)
