@@ -127,8 +127,9 @@ def test_host_table_training_equals_device_table_training(host_runs, kind):
   dev_state = sparse_tables.get_path(dev["opt"]["tables"], TABLE)
   host_state = sparse_tables.get_path(host["opt"]["tables"], TABLE)
   assert set(host_state) == set(dev_state) and int(host_state["count"]) == int(dev_state["count"]) == N
-  for k in set(dev_state) - {"count"}:
-    np.testing.assert_allclose(host_state[k], np.asarray(dev_state[k]), rtol=1e-5, atol=1e-10)
+  for k in set(dev_state) - {"count"}:  # moments near 0 (cancelling gradients): an absolute tolerance
+    want = np.asarray(dev_state[k])
+    np.testing.assert_allclose(host_state[k], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
   for a, b in zip(jax.tree.leaves(sparse_tables.without(host["params"], [TABLE])),
                   jax.tree.leaves(sparse_tables.without(dev["params"], [TABLE]))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -189,3 +190,31 @@ def test_train_refuses_host_adam_dense_before_writing(tmp_path):
   with pytest.raises(ValueError, match="table_optimizer='adam_dense'"):
     train.train_and_evaluate(HOST_CFG, run, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_with_host_tables_resumes_and_loads(corpus, tmp_path):
+  """train_and_evaluate with host tables: stop half way and resume; the checkpoints verify and load_model
+  reads the host-trained tables (the decode engine then keeps them on the host, the record's placement)."""
+  from engram_jax import run_dir, train
+  from tiny_run import STEPS, tiny_model, tiny_run
+  cfg = tiny_model()
+  cfg = dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, table_placement="host"))
+  run = dataclasses.replace(tiny_run(corpus), optimizer=dataclasses.replace(tiny_run(corpus).optimizer,
+                                                                             table_optimizer="adam_lazy"))
+  first = train.train_and_evaluate(cfg, dataclasses.replace(run, stop_after=STEPS // 2), tmp_path)
+  second = train.train_and_evaluate(cfg, run, tmp_path)
+  assert first["steps"] == STEPS // 2 and second["start_step"] == STEPS // 2 and second["steps"] == STEPS
+  vals = dict(second["val_curve"])
+  assert np.isfinite(vals[STEPS]) and vals[STEPS] < vals[0]
+  model, record = run_dir.load_model(tmp_path)
+  assert record.step == STEPS and record.model_config.engram.table_placement == "host"
+  setup = host_training.make_host_setup(cfg, run.optimizer, STEPS, sharding.make_mesh("data=1", jax.devices()[:1]),
+                                        record.compression)
+  saved, _ = ckpt_lib.Checkpointer(tmp_path / "checkpoints").restore(STEPS, setup.abstract)
+  setup.close()
+  np.testing.assert_array_equal(np.asarray(model.blocks[1].engram.table[...]),
+                                np.asarray(sparse_tables.get_path(saved["params"], ("blocks", 1, "engram", "table"))))
