@@ -66,6 +66,12 @@ def check_config(model_config: ModelConfig, optimizer: optim.OptimizerConfig, me
                      "'host' set inloop_tasks=() and evaluate the checkpoints (python -m evals.run)")
 
 
+def mesh_devices(spec: str) -> list | None:
+  """[the first device] when RunConfig.mesh asks for one device (every axis size 1, e.g. 'data=1'), else None."""
+  sizes = [part.split("=")[-1].strip() for part in str(spec).split(",") if part.strip()]
+  return jax.devices()[:1] if sizes and all(s == "1" for s in sizes) else None
+
+
 def shift_right_np(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
   """losses.shift_right on the host: decoder inputs [B, S]."""
   prev = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]

@@ -63,10 +63,10 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
 
   # --- checks before anything is written or compiled: types, mesh, batch, model config, the checkpoint to resume
   check_types(model_config)
-  mesh = make_mesh(run.mesh)
+  host = host_training.uses_host_tables(model_config)  # Engram tables in host memory (host_training.py)
+  mesh = make_mesh(run.mesh, host_training.mesh_devices(run.mesh) if host else None)
   check_batch_size(run.batch_size, mesh, run.mesh)
   validate_config(model_config, mesh)
-  host = host_training.uses_host_tables(model_config)  # Engram tables in host memory (host_training.py)
   if host:
     host_training.check_config(model_config, run.optimizer, mesh, run.inloop_tasks)
   for warning in run.warnings() if chief else ():

@@ -203,7 +203,7 @@ def test_train_and_evaluate_with_host_tables_resumes_and_loads(corpus, tmp_path)
   from tiny_run import STEPS, tiny_model, tiny_run
   cfg = tiny_model()
   cfg = dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, table_placement="host"))
-  run = dataclasses.replace(tiny_run(corpus), optimizer=dataclasses.replace(tiny_run(corpus).optimizer,
+  run = dataclasses.replace(tiny_run(corpus), mesh="data=1", optimizer=dataclasses.replace(tiny_run(corpus).optimizer,
                                                                              table_optimizer="adam_lazy"))
   first = train.train_and_evaluate(cfg, dataclasses.replace(run, stop_after=STEPS // 2), tmp_path)
   second = train.train_and_evaluate(cfg, run, tmp_path)
