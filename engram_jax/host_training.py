@@ -253,9 +253,14 @@ class HostSetup:
                     "tables": sparse_tables.with_leaves({}, self.paths, states)}}
 
   def _device_state(self, state: State) -> State:
-    standins = self._standins or [jnp.zeros((self.num_rows[i], 0), jnp.float32) for i in self.blocks]
+    standins = self._standins or self._new_standins()
     return {**state, "params": sparse_tables.with_leaves(state["params"], self.paths, standins),
             "opt": {"backbone": state["opt"]["backbone"]}}
+
+  def _new_standins(self) -> list:
+    """[V, 0] arrays placed as the train step returns them (so its second call does not compile again)."""
+    shardings = [sparse_tables.get_path(self.c["dev_shardings"]["params"], p) for p in self.paths]
+    return [jax.device_put(jnp.zeros((self.num_rows[i], 0), jnp.float32), sh) for i, sh in zip(self.blocks, shardings)]
 
   def device_state(self, state: State) -> State:
     """The part of the state on the device (tables replaced by [V, 0] stand-ins)."""
@@ -415,7 +420,7 @@ class HostSetup:
     self.sync()
     host = {k: np.asarray(v, np.int32) for k, v in batch.items()}
     ids, rows = self.prepare(host)
-    standins = [jnp.zeros((self.num_rows[i], 0), jnp.float32) for i in self.blocks]
+    standins = self._new_standins()
     return self.c["eval_step"](sparse_tables.with_leaves(params, self.paths, standins), rest,
                                {**batch, "engram_rows": self._send(ids, rows)["engram_rows"]})
 
