@@ -8,8 +8,9 @@ The semantics are those of the device update (engram_jax.sparse_tables, Optimize
   'adagrad_rowwise'  a = a + mean_j(g_j^2),  row -= lr * g / (sqrt(a) + eps)           (one accumulator per row)
 with the same float32 operations in the same order. The step's scalars (step size -lr at the table's update
 count, Adam's bias corrections 1 - b^t) and Adagrad's per-row mean square are computed on the device by the train
-step (`StepScalars`), so the host does only elementwise IEEE operations (+, *, /, sqrt: correctly rounded in both
-numpy and XLA) and the result is bit-identical to the device update.
+step (`StepScalars`), so the host does only elementwise operations, each rounded once. The device update equals it
+up to float rounding (~1 ulp), not bit for bit: XLA:CPU contracts a * b + c into a fused multiply-add and divides
+by a broadcast scalar through its reciprocal.
 
 Rows are updated independently, so an update may be applied in parts (`apply` on any subset of its rows, in any
 order): training applies the rows the next batch reads first and the rest while the device runs the next step.
