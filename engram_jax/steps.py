@@ -160,10 +160,13 @@ def intermediates(model: nnx.Module) -> dict[str, jax.Array]:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: Callable | None,
                     schedule: Callable, plan: sparse_tables.Plan | None = None,
-                    optimizer: optim.OptimizerConfig | None = None, total_steps: int = 1
-                    ) -> Callable[[State, Batch], tuple[State, dict]]:
+                    optimizer: optim.OptimizerConfig | None = None, total_steps: int = 1,
+                    host_tables: Callable | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
   """The update: loss -> grads -> clipped optax groups -> MoE bias update (outside the gradient).
-  With a sparse `plan`, tables get row gradients and their own update (`_sparse_grads_and_update`)."""
+  With a sparse `plan`, tables get row gradients and their own update (`sparse_step`). With `host_tables`
+  (tables in host memory, engram_jax.host_training): the batch carries each table's hashed ids and gathered rows,
+  the params hold [V, 0] stand-ins, and host_tables(row grads, batch, lr_fn) -> metrics entries that hand the
+  clipped row gradients to the host's update instead of updating the tables here."""
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     def loss_fn(params, rows=None):
@@ -173,12 +176,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
       aux = {**aux, **intermediates(model)}  # what layers record, e.g. Engram ids dropped for capacity
       return ce + aux.get("moe_aux_loss", 0.0), (ce, count, aux)
 
+    aux_out = {}  # host tables: what the host's table update needs
     if plan is None:
       (loss, (ce, count, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
       updates, opt = tx.update(grads, state["opt"], state["params"])
       params = optax.apply_updates(state["params"], updates)
     else:
-      (loss, (ce, count, aux)), grads, params, opt = sparse_step(state, batch, loss_fn)
+      (loss, (ce, count, aux)), grads, params, opt, sent = sparse_step(state, batch, loss_fn)
+      aux_out.update(sent)
     rest = state["rest"]
     if update_biases is not None:  # aux-loss-free balancing: no gradient flows here
       model = nnx.merge(graphdef, params, rest)
@@ -186,7 +191,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
       rest = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
     metrics = {"loss": ce, "total_loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),
                "lr": schedule(state["step"]), **{f"aux/{k}": v for k, v in aux.items()},
-               guard.LEAVES: guard.nonfinite_leaves(grads)}  # read by guard.guarded
+               guard.LEAVES: guard.nonfinite_leaves(grads), **aux_out}  # LEAVES: read by guard.guarded
     new_state = {"params": params, "opt": opt, "rest": rest, "step": state["step"] + 1,
                  "rng": jax.random.split(state["rng"])[0]}  # the key advances every step (reserved for noise)
     return new_state, metrics
@@ -194,12 +199,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
   def sparse_step(state: State, batch: Batch, loss_fn: Callable):
     """Row-sparse tables: differentiate w.r.t. the gathered rows, clip over all groups, update touched rows only.
     Returns (loss terms, grads in the params' structure with each table's leaf its summed row gradients
-    [n, U, d], new params, new opt state)."""
+    [n, U, d], new params, new opt state, metrics entries for a host table update)."""
     paths, params = list(plan.paths), state["params"]
     backbone = sparse_tables.without(params, paths)
     tables = [sparse_tables.get_path(params, p) for p in paths]
-    model = nnx.merge(graphdef, params, state["rest"])
-    ids, rows = plan.gather(model, shift_right(batch["targets"], batch["segment_ids"]), batch["segment_ids"])
+    if host_tables is not None:  # hashed and gathered by the input pipeline on the host
+      ids, rows = batch["engram_ids"], batch["engram_rows"]
+    else:
+      model = nnx.merge(graphdef, params, state["rest"])
+      ids, rows = plan.gather(model, shift_right(batch["targets"], batch["segment_ids"]), batch["segment_ids"])
     with_tables = lambda b: sparse_tables.with_leaves(b, paths, tables)
     out, (g_backbone, g_rows) = jax.value_and_grad(lambda b, r: loss_fn(with_tables(b), r), argnums=(0, 1),
                                                    has_aux=True)(backbone, rows)
@@ -210,10 +218,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
       clipped = optax.clip_by_global_norm(optimizer.grad_clip_norm).update(grads, optax.EmptyState())[0]
     updates, opt_backbone = tx.update(sparse_tables.without(clipped, paths), state["opt"]["backbone"], backbone)
     row_grads = [g._replace(grads=sparse_tables.get_path(clipped, p)) for g, p in zip(row_grads, paths)]
+    lr_fn = optim.table_learning_rate(optimizer, total_steps)
+    if host_tables is not None:  # the host updates the tables; the stand-ins pass through
+      params = sparse_tables.with_leaves(optax.apply_updates(backbone, updates), paths, tables)
+      return out, grads, params, {"backbone": opt_backbone}, host_tables(row_grads, batch, lr_fn)
     states = [sparse_tables.get_path(state["opt"]["tables"], p) for p in paths]
-    tables, states = plan.apply(tables, states, row_grads, optim.table_learning_rate(optimizer, total_steps))
+    tables, states = plan.apply(tables, states, row_grads, lr_fn)
     params = sparse_tables.with_leaves(optax.apply_updates(backbone, updates), paths, tables)
-    return out, grads, params, {"backbone": opt_backbone, "tables": sparse_tables.with_leaves({}, paths, states)}
+    return out, grads, params, {"backbone": opt_backbone, "tables": sparse_tables.with_leaves({}, paths, states)}, {}
 
   return train_step
 
@@ -222,8 +234,8 @@ def make_eval_step(graphdef) -> Callable[[dict, dict, Batch], tuple[jax.Array, j
   """(params, rest, batch) -> (NLL sum, token count)."""
 
   def eval_step(params, rest, batch):
-    nll, count, _ = lm_terms(nnx.merge(graphdef, params, rest), batch)
-    return nll, count
+    nll, count, _ = lm_terms(nnx.merge(graphdef, params, rest), batch, engram_rows=batch.get("engram_rows"))
+    return nll, count  # engram_rows: host tables' rows, gathered by the host
 
   return eval_step
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import branch, cli, fileio, guard, optim, run_dir
+from engram_jax import branch, cli, fileio, guard, host_training, optim, run_dir
 from engram_jax.config_checks import check_types
 from engram_jax.data.feed import (check_batch_size, make_mesh, open_data, resolved_data_dir, task_vocabulary,
                                   to_global)
@@ -63,9 +63,12 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
 
   # --- checks before anything is written or compiled: types, mesh, batch, model config, the checkpoint to resume
   check_types(model_config)
-  mesh = make_mesh(run.mesh)
+  host = host_training.uses_host_tables(model_config)  # Engram tables in host memory (host_training.py)
+  mesh = make_mesh(run.mesh, host_training.mesh_devices(run.mesh) if host else None)
   check_batch_size(run.batch_size, mesh, run.mesh)
   validate_config(model_config, mesh)
+  if host:
+    host_training.check_config(model_config, run.optimizer, mesh, run.inloop_tasks)
   for warning in run.warnings() if chief else ():
     print(f"warning: {warning}", flush=True)
   if model_dir.exists() and not model_dir.is_dir():
@@ -85,7 +88,8 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
                              bool(saved_steps), mesh)
   if source is not None:
     run_dir.check_compatible(source, record)  # same compression map and hash as the source run
-  setup = make_setup(model_config, run.optimizer, run.steps, mesh, record.compression, run.on_nonfinite)
+  setup = (host_training.make_host_setup if host else make_setup)(model_config, run.optimizer, run.steps, mesh,
+                                                                   record.compression, run.on_nonfinite)
 
   # --- state: restored from the latest good checkpoint, or created sharded
   checkpointer = ckpt_lib.Checkpointer(model_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
@@ -98,6 +102,10 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   else:
     state, data_position, start = restored
     train_iter.restore(data_position)
+  if host and (restored is not None or source is not None):
+    state = setup.adopt(state)  # host leaves: restored on the CPU device -> numpy tables updated in place
+  if host:
+    train_iter = setup.feed(train_iter)  # one batch ahead: hashed and gathered on the host while the device runs
   stop = run.stop_after or run.steps
   if chief and operative_config is not None:
     save_operative_config(model_dir, operative_config, start)
@@ -133,7 +141,7 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
       if dict(read_curves(model_dir / "metrics.jsonl")[1]).get(start) is None:
         logger.write(start, {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))})
     while step < stop:
-      batch = to_global(next(train_iter), mesh)
+      batch = next(train_iter) if host else to_global(next(train_iter), mesh)
       state, metrics = setup.train_step(state, batch)
       step += 1
       pending.append((step, metrics))
@@ -168,8 +176,8 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
       if step % run.checkpoint_every == 0 or step == stop:
         if run.on_nonfinite == "stop":
           check_finite(pending, run, setup)
-        check_state_finite(state, step)  # a non-finite state is never saved
-        checkpointer.save(step, state, train_iter.state())
+        check_state_finite(setup.device_state(state) if host else state, step)  # a non-finite state is never saved
+        checkpointer.save(step, setup.checkpoint_state(state, step) if host else state, train_iter.state())
     t_end = time.time()
   except guard.NonFiniteError as e:
     checkpointer.close()  # the saves in flight are good: let them finish
@@ -181,6 +189,8 @@ def _train_and_evaluate(model_config: ModelConfig, run: RunConfig, model_dir: st
   finally:
     checkpointer.close()
     logger.close()
+    if host:
+      setup.close()
 
   # --- wrap up: curves over every session of this MODEL_DIR, the final loss, result.json
   train_curve, val_curve = read_curves(model_dir / "metrics.jsonl") if chief else ([], [(step, val)])

@@ -20,10 +20,10 @@ def data_parallel_size(mesh) -> int:
   return math.prod(mesh.shape[a] for a in sharding.mesh_axes("batch") if a in mesh.shape)
 
 
-def make_mesh(spec: str):
-  """sharding.make_mesh with errors that name RunConfig.mesh."""
+def make_mesh(spec: str, devices=None):
+  """sharding.make_mesh (over `devices`, default all) with errors that name RunConfig.mesh."""
   try:
-    return sharding.make_mesh(spec)
+    return sharding.make_mesh(spec, devices)
   except ValueError as e:
     raise ValueError(f"RunConfig.mesh={spec!r}: {e}") from None
 
