@@ -112,11 +112,11 @@ def _row_grads_touching(v: int, d: int, m: int, rng, every_row: bool) -> tuple[n
   return ids, rng.normal(size=(m, d)).astype(np.float32)
 
 
-def _apply(kind, table, state, ids, g, lr, **hp):
+def _apply(kind, table, state, ids, g, lr, keep=None, **hp):
   v = table.shape[0]
   uids, sums = sparse_tables.dedup_rows(jnp.asarray(ids), jnp.asarray(g), v)
   return sparse_tables.apply_rows(kind, table, state, sparse_tables.RowGrads(uids[None], sums[None]),
-                                  jnp.float32(lr), **hp)
+                                  jnp.float32(lr), keep=keep, **hp)
 
 
 def test_adam_lazy_touching_every_row_equals_dense_adam_and_leaves_untouched_rows_alone():
@@ -134,13 +134,13 @@ def test_adam_lazy_touching_every_row_equals_dense_adam_and_leaves_untouched_row
     dense = optax.apply_updates(dense, upd)
     table, state = apply(table, state, ids, g)
   np.testing.assert_allclose(np.asarray(table), np.asarray(dense), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(state["mu"]), np.asarray(opt[0].mu), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(state["nu"]), np.asarray(opt[0].nu), rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(np.asarray(state["moments"][:, 0]), np.asarray(opt[0].mu), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(state["moments"][:, 1]), np.asarray(opt[0].nu), rtol=1e-6, atol=1e-8)
   # A step that touches rows 0..3 only: other rows and their moments stay as they were (LazyAdam).
   ids, g = rng.integers(0, 4, 10).astype(np.int32), rng.normal(size=(10, d)).astype(np.float32)
   new_table, new_state = apply(table, state, ids, g)
   np.testing.assert_array_equal(np.asarray(new_table)[4:], np.asarray(table)[4:])
-  np.testing.assert_array_equal(np.asarray(new_state["mu"])[4:], np.asarray(state["mu"])[4:])
+  np.testing.assert_array_equal(np.asarray(new_state["moments"])[4:], np.asarray(state["moments"])[4:])
   assert not np.allclose(np.asarray(new_table)[:4], np.asarray(table)[:4])
   assert int(new_state["count"]) == 4
 
@@ -164,6 +164,58 @@ def test_adagrad_rowwise_equals_numpy_reference():
   np.testing.assert_allclose(np.asarray(got), ref_table, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(state["acc"]), ref_acc, rtol=1e-5)
   assert state["acc"].shape == (v,) and int(state["count"]) == 3
+
+
+def test_sparse_sgd_equals_dense_sgd():
+  """Row-sparse SGD (touched rows only) equals optax SGD on the dense gradient, untouched rows bit-identical."""
+  rng = np.random.default_rng(4)
+  v, d = 20, 3
+  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+  dense, state = table, sparse_tables.init_state("sgd", table)
+  apply = jax.jit(lambda t, s, i, g, lr: _apply("sgd", t, s, i, g, lr, b1=0.9, b2=0.95, eps=1e-8))
+  for lr in (0.1, 0.03):
+    ids, g = _row_grads_touching(v, d, 12, rng, every_row=False)
+    upd, _ = optax.sgd(lr).update(jnp.zeros((v, d)).at[ids].add(g), optax.sgd(lr).init(dense))
+    before = table
+    dense = optax.apply_updates(dense, upd)
+    table, state = apply(table, state, ids, g, lr)
+    untouched = np.setdiff1d(np.arange(v), ids)
+    np.testing.assert_array_equal(np.asarray(table)[untouched], np.asarray(before)[untouched])
+  np.testing.assert_allclose(np.asarray(table), np.asarray(dense), rtol=1e-6, atol=1e-7)
+  assert set(state) == {"count"} and int(state["count"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["adam_lazy", "adagrad_rowwise", "sgd"])
+def test_keep_false_leaves_table_and_state_bit_identical(kind):
+  """apply_rows(keep=False) (a skipped step) returns every bit as it was, even with NaN gradients and -0.0 rows;
+  keep=True is the plain update (within float rounding: XLA fuses a traced and a constant flag differently)."""
+  rng = np.random.default_rng(5)
+  v, d = 16, 4
+  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32).at[3].set(-0.0)
+  state = sparse_tables.init_state(kind, table)
+  apply = jax.jit(lambda t, s, i, g, keep: _apply(kind, t, s, i, g, 0.1, b1=0.9, b2=0.95, eps=1e-8, keep=keep))
+  ids, g = _row_grads_touching(v, d, 24, rng, every_row=True)
+  table, state = apply(table, state, ids, g, True)  # a state that is not all zeros
+  g_nan = g.copy()
+  g_nan[0] = np.nan
+  for grads in (g, g_nan):
+    new_table, new_state = apply(table, state, ids, grads, False)
+    np.testing.assert_array_equal(np.asarray(new_table).view(np.uint32), np.asarray(table).view(np.uint32))
+    for k in state:
+      np.testing.assert_array_equal(np.asarray(new_state[k]), np.asarray(state[k]))
+  plain = jax.jit(lambda t, s, i, g: _apply(kind, t, s, i, g, 0.1, b1=0.9, b2=0.95, eps=1e-8))(table, state, ids, g)
+  kept = apply(table, state, ids, g, True)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(kept)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert not np.array_equal(np.asarray(kept[0]), np.asarray(table))
+
+
+def test_older_adam_lazy_state_layout_is_named():
+  table = jnp.zeros((8, 2))
+  old = {"mu": jnp.zeros((8, 2)), "nu": jnp.zeros((8, 2)), "count": jnp.zeros((), jnp.int32)}
+  rg = sparse_tables.RowGrads(jnp.full((1, 4), 8, jnp.int32), jnp.zeros((1, 4, 2)))
+  with pytest.raises(ValueError, match="'moments'.*new MODEL_DIR"):
+    sparse_tables.apply_rows("adam_lazy", table, old, rg, jnp.float32(0.1), b1=0.9, b2=0.95, eps=1e-8)
 
 
 def test_state_bytes_per_row():
@@ -208,8 +260,8 @@ def test_sparse_step_clips_and_trains_like_the_dense_step(single):
   np.testing.assert_allclose(float(m_lazy["loss"]), float(m_dense["loss"]), rtol=1e-3)
   np.testing.assert_allclose(float(m_lazy["grad_norm"]), float(m_dense["grad_norm"]), rtol=1e-3)
   assert set(lazy["opt"]) == {"backbone", "tables"}
-  assert lazy["opt"]["tables"]["blocks"][0]["engram"]["table"]["mu"].shape == dense["params"]["blocks"][0][
-      "engram"]["table"].shape
+  v, d = dense["params"]["blocks"][0]["engram"]["table"].shape
+  assert lazy["opt"]["tables"]["blocks"][0]["engram"]["table"]["moments"].shape == (v, 2, d)
   grow = single["adagrad_rowwise"][0]["opt"]["tables"]["blocks"][0]["engram"]["table"]["acc"]
   assert grow.ndim == 1 and (np.asarray(grow) > 0).any()
 
