@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import optim, sharding, sparse_tables, steps
+from engram_jax import guard, optim, sharding, sparse_tables, steps
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.losses import lm_terms, shift_right
 from engram_jax.models.config import ModelConfig
@@ -340,3 +340,54 @@ def test_table_optimizer_names():
     optim.OptimizerConfig(table_optimizer="adam_lazy", table_weight_decay=0.1)
   with pytest.raises(ValueError, match="row-sparse"):
     optim.make_optimizer(optim.OptimizerConfig(table_optimizer="adagrad_rowwise"), 10, {})
+
+
+def test_sparse_sgd_train_step_equals_dense_sgd_train_step():
+  """Two train steps with table_optimizer='sgd' (row-sparse) == the same steps with optax SGD on the dense table
+  gradient (within float reassociation of the summed row gradients); the sparse state is a count only."""
+  setup, mesh = _setup("sgd")
+  assert set(setup.abstract["opt"]["tables"]["blocks"][0]["engram"]["table"]) == {"count"}
+  opt_cfg = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, table_optimizer="sgd", grad_clip_norm=0.5)
+  tx = optim.make_optimizer(opt_cfg, 20, setup.labels)
+  dense_step = jax.jit(steps.make_train_step(setup.graphdef, tx, None, optim.learning_rate_schedule(opt_cfg, 20)))
+  state = setup.init(jnp.int32(0))
+  dense = {**jax.tree.map(jnp.copy, state), "opt": tx.init(state["params"])}
+  for i in range(2):
+    dense, m_dense = dense_step(dense, _on(mesh, _batch(i)))
+  sparse, m_sparse = _run(setup, mesh, 2)
+  np.testing.assert_allclose(float(m_sparse["loss"]), float(m_dense["loss"]), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+               sparse["params"], dense["params"])
+
+
+def _selects_over_rows(hlo: str, rows: int) -> list[str]:
+  return [line.strip()[:120] for line in hlo.splitlines() if re.search(rf"\[{rows},[0-9,]*\][^=]*select\(", line)]
+
+
+@pytest.mark.parametrize("kind", ["adam_lazy", pytest.param("sgd", marks=pytest.mark.slow)])
+def test_skip_step_keeps_tables_bit_identical_without_touching_every_row(kind):
+  """on_nonfinite='skip_step' with a row-sparse table optimizer: a non-finite step leaves the table and its state
+  bit-identical, and the compiled step has no select over a table-sized array (adam_dense's has: the control)."""
+  opt = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, table_optimizer=kind, grad_clip_norm=0.5)
+  mesh = sharding.make_mesh("data=1", jax.devices()[:1])
+  setup = steps.make_setup(CFG, opt, 20, mesh, on_nonfinite="skip_step")
+  state, _ = _run(setup, mesh, 1)
+  path = setup.abstract["params"]["blocks"][0]["engram"]["table"]
+  backbone = sparse_tables.without(state["params"], [("blocks", 0, "engram", "table")])
+  leaves, treedef = jax.tree.flatten(backbone)
+  leaves[0] = leaves[0] * jnp.nan  # a non-finite backbone parameter: loss and gradients go NaN
+  poisoned = {**state, "params": sparse_tables.with_leaves(jax.tree.unflatten(treedef, leaves),
+                                                           [("blocks", 0, "engram", "table")],
+                                                           [state["params"]["blocks"][0]["engram"]["table"]])}
+  before = jax.device_get(poisoned)
+  after, metrics = setup.train_step(poisoned, _on(mesh, _batch(1)))
+  assert not bool(metrics[guard.FINITE]) and int(after["step"]) == int(before["step"]) + 1
+  for key in ("params", "opt"):
+    for a, b in zip(jax.tree.leaves(jax.device_get(after[key])), jax.tree.leaves(before[key])):
+      np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+  rows = path.shape[0]
+  hlo = setup.train_step.lower(setup.abstract, _on(mesh, _batch())).compile().as_text()
+  assert not _selects_over_rows(hlo, rows), _selects_over_rows(hlo, rows)[:3]
+  dense = steps.make_setup(CFG, dataclasses.replace(opt, table_optimizer="adam_dense"), 20, mesh,
+                           on_nonfinite="skip_step")
+  assert _selects_over_rows(dense.train_step.lower(dense.abstract, _on(mesh, _batch())).compile().as_text(), rows)
