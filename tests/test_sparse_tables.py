@@ -391,3 +391,18 @@ def test_skip_step_keeps_tables_bit_identical_without_touching_every_row(kind):
   dense = steps.make_setup(CFG, dataclasses.replace(opt, table_optimizer="adam_dense"), 20, mesh,
                            on_nonfinite="skip_step")
   assert _selects_over_rows(dense.train_step.lower(dense.abstract, _on(mesh, _batch())).compile().as_text(), rows)
+
+
+def test_older_adam_lazy_checkpoint_gets_a_clear_error_and_stays_in_place(tmp_path):
+  """A run directory of the separate 'mu'/'nu' layout: restore names the differing entries and moves nothing."""
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  old = {"opt": {"mu": jnp.zeros((8, 2)), "nu": jnp.zeros((8, 2)), "count": jnp.zeros((), jnp.int32)}}
+  ckpt = ckpt_lib.Checkpointer(tmp_path)
+  ckpt.save(3, old, {"position": 0})
+  ckpt.wait()
+  new = {"opt": {"moments": jax.ShapeDtypeStruct((8, 2, 2), jnp.float32, sharding=dev),
+                 "count": jax.ShapeDtypeStruct((), jnp.int32, sharding=dev)}}
+  with pytest.raises(ValueError, match=r"another structure.*opt\.moments, opt\.mu, opt\.nu.*new MODEL_DIR"):
+    ckpt.restore_latest(new)
+  ckpt.close()
+  assert (tmp_path / "3").is_dir() and not list(tmp_path.glob("*.corrupt"))
