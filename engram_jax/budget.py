@@ -70,15 +70,15 @@ TABLE_OPTIMIZERS = ("adam_dense", "adam_lazy", "adagrad_rowwise", "sgd")
 
 def table_memory(cfg: ModelConfig, param_bytes: int = 4) -> dict:
   """Engram table memory of `cfg` (float32): rows, table bytes, and per table optimizer its state bytes per row and
-  in total. Row-sparse optimizers ('adam_lazy', 'adagrad_rowwise') also never build the dense [V, d] gradient
-  (adam_dense and sgd do: table_bytes more at every step)."""
+  in total. Row-sparse optimizers ('adam_lazy', 'adagrad_rowwise', 'sgd') also never build the dense [V, d]
+  gradient (adam_dense does: table_bytes more at every step)."""
   from engram_jax.sparse_tables import state_bytes_per_row  # noqa: PLC0415 - jax only when asked
   rows = engram_table_rows(cfg) if cfg.engram_layers else 0
   d = cfg.engram.head_dim if cfg.engram_layers else 0
   per_row = {k: state_bytes_per_row(k, d, param_bytes) for k in TABLE_OPTIMIZERS}
   return {"rows": rows, "table_bytes": rows * d * param_bytes, "optimizer_state_bytes_per_row": per_row,
           "optimizer_state_bytes": {k: rows * b for k, b in per_row.items()},
-          "dense_gradient_bytes": {k: rows * d * param_bytes if k in ("adam_dense", "sgd") else 0
+          "dense_gradient_bytes": {k: rows * d * param_bytes if k == "adam_dense" else 0
                                    for k in TABLE_OPTIMIZERS}}
 
 

@@ -215,6 +215,14 @@ class Checkpointer:
 def shape_mismatch_error(directory, step: int, error: Exception) -> ValueError | None:
   """A clear ValueError when orbax refused a restore because stored shapes differ from the model's; else None."""
   text = str(error)
+  if "tree structures do not match" in text:  # another state layout, e.g. another table optimizer's state
+    paths = [line.strip().rstrip(":") for line in text.splitlines()[1:] if line and not line.startswith(" ")]
+    return ValueError(
+        f"checkpoint {directory / str(step)} holds a state of another structure than this run's (differing "
+        f"entries: {', '.join(p for p in paths if not p.startswith('If this'))[:300]}). Nothing was moved or "
+        "changed. The optimizer state's layout follows OptimizerConfig.table_optimizer (adam_lazy keeps its moments "
+        "in one 'moments' array; earlier versions wrote 'mu' and 'nu'; 'sgd' is row-sparse with a count only). "
+        "Fix: resume with the config and the engram_jax version that wrote it, or start a new MODEL_DIR.")
   if "is not compatible with the stored shape" not in text:
     return None
   return ValueError(

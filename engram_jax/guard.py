@@ -8,6 +8,8 @@ the end), so the guard adds no host sync per step. Before every save the whole s
 Modes (RunConfig.on_nonfinite): 'stop' raises NonFiniteError naming the step, the loss and the parameter group
 (and parameters) whose gradient was non-finite; 'skip_step' keeps the previous parameters, optimizer state and
 non-trainable variables for that step (the step counter, RNG and data still advance) and counts the skip.
+Row-sparse tables (engram_jax.sparse_tables) skip inside the train step at the cost of their touched rows
+(`guarded(..., row_guarded=paths)`): the guard's select never reads a whole table or its optimizer state.
 """
 
 from __future__ import annotations
@@ -34,19 +36,37 @@ def nonfinite_leaves(tree) -> jax.Array:
   return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
 
 
-def guarded(train_step: Callable, mode: str) -> Callable:
+def step_ok(loss: jax.Array, grad_norm: jax.Array, leaves: jax.Array) -> jax.Array:
+  """bool scalar: the step is finite (loss, gradient norm and every gradient leaf's flag `nonfinite_leaves`)."""
+  return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~jnp.any(leaves)
+
+
+def guarded(train_step: Callable, mode: str, row_guarded: Sequence[tuple] = ()) -> Callable:
   """Wraps a train step (state, batch) -> (state, metrics) whose metrics carry LEAVES: adds FINITE and, for
-  'skip_step', selects the previous params/opt/rest when the step was not finite (all on device)."""
+  'skip_step', selects the previous params/opt/rest when the step was not finite (all on device).
+  row_guarded: params paths of row-sparse tables the step already kept on a non-finite step (the state's 'opt' is
+  then {'backbone', 'tables'}): their table leaves and opt['tables'] are taken as the step returned them."""
   if mode not in MODES:
     raise ValueError(f"RunConfig.on_nonfinite={mode!r}: use one of {MODES}")
+  from engram_jax import sparse_tables  # noqa: PLC0415 - the tree helpers
+
+  paths = list(row_guarded)
+  select = lambda ok, new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
   @functools.wraps(train_step)
   def step(state, batch):
     new_state, metrics = train_step(state, batch)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & ~jnp.any(metrics[LEAVES])
+    ok = step_ok(metrics["loss"], metrics["grad_norm"], metrics[LEAVES])
     if mode == "skip_step":
-      kept = {k: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state[k], state[k]) for k in ("params", "opt",
-                                                                                                  "rest")}
+      kept = {k: select(ok, new_state[k], state[k]) for k in ("opt", "rest")}
+      kept["params"] = select(ok, new_state["params"], state["params"])
+      if paths:  # O(touched rows): the tables and their state were kept inside the step
+        new_params = new_state["params"]
+        kept["params"] = sparse_tables.with_leaves(
+            select(ok, sparse_tables.without(new_params, paths), sparse_tables.without(state["params"], paths)),
+            paths, [sparse_tables.get_path(new_params, p) for p in paths])
+        kept["opt"] = {"backbone": select(ok, new_state["opt"]["backbone"], state["opt"]["backbone"]),
+                       "tables": new_state["opt"]["tables"]}
       new_state = {**new_state, **kept}
     return new_state, {**metrics, FINITE: ok}
 

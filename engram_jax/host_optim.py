@@ -47,7 +47,7 @@ def init_state(kind: str, table: np.ndarray) -> dict[str, np.ndarray]:
   check_kind(kind)
   state = {"count": np.zeros((), np.int32)}
   if kind == "adam_lazy":
-    state.update(mu=np.zeros_like(table), nu=np.zeros_like(table))
+    state["moments"] = np.zeros((table.shape[0], 2) + table.shape[1:], table.dtype)  # [V, 2, d] first, second
   elif kind == "adagrad_rowwise":
     state["acc"] = np.zeros(table.shape[:1], table.dtype)
   return state
@@ -65,11 +65,11 @@ def apply(kind: str, table: np.ndarray, state: dict[str, np.ndarray], ids: np.nd
   if kind == "sgd":
     upd = f32(scalars.step_size) * grads  # [U, d] as optax.sgd: (-lr) * g
   elif kind == "adam_lazy":
-    mu = f32(1 - b1) * grads + f32(b1) * state["mu"][ids]  # [U, d]
-    nu = f32(1 - b2) * np.square(grads) + f32(b2) * state["nu"][ids]  # [U, d]
+    old = state["moments"][ids]  # [U, 2, d]
+    mu = f32(1 - b1) * grads + f32(b1) * old[:, 0]  # [U, d]
+    nu = f32(1 - b2) * np.square(grads) + f32(b2) * old[:, 1]  # [U, d]
     upd = mu / f32(scalars.bc1) / (np.sqrt(nu / f32(scalars.bc2)) + f32(eps)) * f32(scalars.step_size)
-    state["mu"][ids] = mu
-    state["nu"][ids] = nu
+    state["moments"][ids] = np.stack([mu, nu], axis=1)
   elif kind == "adagrad_rowwise":
     if mean_sq is None:
       mean_sq = np.mean(np.square(grads), axis=-1)

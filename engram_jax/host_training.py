@@ -242,9 +242,8 @@ class HostSetup:
     states = [jax.tree.map(lambda a: on_cpu(a.shape, a.dtype), host_optim.init_state(
         self.kind, np.empty((s[0], 0), np.float32))) for s in self.c["shapes"]]
     for st, s in zip(states, self.c["shapes"]):  # init_state above had d = 0: the real row width
-      for k in ("mu", "nu"):
-        if k in st:
-          st[k] = on_cpu(s, jnp.float32)
+      if "moments" in st:
+        st["moments"] = on_cpu((s[0], 2) + tuple(s[1:]), jnp.float32)
     self.abstract = self._full(dev_abstract, tables, states)
 
   # -------------------------------------------------------------------------------------------- state layout

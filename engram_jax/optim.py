@@ -6,8 +6,9 @@ apart from the backbone optimizer. Here:
     norm scales or biases;
   - 'table': every `EngramTable` parameter (and only those) at `table_lr_multiplier` x the backbone schedule,
     under `table_optimizer`: 'adam_dense' (the paper's Adam on the dense [V, d] gradient, weight decay
-    `table_weight_decay`, default 0; 'adam' is the same), 'sgd', or a row-sparse optimizer that reads and writes
-    only the rows a step touched ('adam_lazy', 'adagrad_rowwise': engram_jax.sparse_tables, no weight decay);
+    `table_weight_decay`, default 0; 'adam' is the same), or a row-sparse optimizer that reads and writes only the
+    rows a step touched ('adam_lazy', 'adagrad_rowwise', 'sgd': engram_jax.sparse_tables, no weight decay; 'sgd'
+    falls back to optax SGD on the dense gradient with EngramConfig.lookup='all_to_all', same math);
   - gradients are clipped by their GLOBAL norm over both groups before the split;
   - MoE balance biases are `nnx.Variable`s, not `nnx.Param`s: they are not in the optimized tree at all and are
     updated by the train loop outside the gradient.
@@ -33,7 +34,8 @@ BACKBONE = "backbone"
 TABLE = "table"
 SCHEDULES = ("cosine", "wsd")
 TABLE_OPTIMIZERS = ("adam_dense", "sgd", "adam_lazy", "adagrad_rowwise")
-SPARSE_TABLE_OPTIMIZERS = ("adam_lazy", "adagrad_rowwise")  # row-sparse: engram_jax.sparse_tables
+SPARSE_TABLE_OPTIMIZERS = ("adam_lazy", "adagrad_rowwise", "sgd")  # row-sparse: engram_jax.sparse_tables
+SPARSE_ONLY = ("adam_lazy", "adagrad_rowwise")  # no dense form in make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ class OptimizerConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip_norm: float = 1.0  # Global-norm clipping over all groups; 0 turns it off.
-  # 'adam_dense' (paper; 'adam' is the same), 'sgd' (no state), or row-sparse (step cost O(tokens), not O(rows)):
+  # 'adam_dense' (paper; 'adam' is the same), or row-sparse (step cost O(tokens), not O(rows)): 'sgd' (no state),
   # 'adam_lazy' (LazyAdam: touched rows only) or 'adagrad_rowwise' (one accumulator per row).
   table_optimizer: str = "adam_dense"
   table_lr_multiplier: float = 5.0  # Paper: Engram embeddings at 5x the backbone learning rate.
@@ -151,7 +153,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, labels: dict) -> o
 
   `labels` is `param_labels(...)`: a pure dict with the params' structure.
   """
-  if config.table_optimizer in SPARSE_TABLE_OPTIMIZERS:
+  if config.table_optimizer in SPARSE_ONLY:
     raise ValueError(f"make_optimizer: table_optimizer={config.table_optimizer!r} is row-sparse; its tables are "
                      "updated by engram_jax.sparse_tables and the backbone by backbone_optimizer")
   backbone = backbone_optimizer(config, total_steps)

@@ -9,16 +9,21 @@ keeps the rows it owns and updates its own shard in place.
 
 Table optimizers (OptimizerConfig.table_optimizer):
   'adam_dense'       optax Adam on the dense [V, d] gradient (the paper's optimizer; the reference, not here);
+  'sgd'              row -= lr * g for touched rows (equal to dense SGD: an untouched row's gradient is zero);
   'adam_lazy'        TF LazyAdam semantics: a step updates the first and second moments and the parameters of the
                      rows it touched, and only those; untouched rows keep their moments (no decay while unread) and
                      their values. Bias correction uses the global step count t (as LazyAdam does):
                        m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
                        row -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)   for touched rows.
-                     On a step that touches every row this is dense Adam.
+                     On a step that touches every row this is dense Adam. Both moments of a row sit side by side
+                     in one array 'moments' [V, 2, d] (first, second), so a touched row's state is one contiguous
+                     256-byte read and write (at d = 32) instead of two scattered ones.
   'adagrad_rowwise'  one accumulator per row (DLRM / FBGEMM row-wise Adagrad; 1/d of Adam's state per row):
                        a = a + mean_j(g_j^2),  row -= lr * g / (sqrt(a) + eps)                for touched rows.
 No weight decay on either sparse optimizer. The learning rate is the table group's (multiplier x the backbone
 schedule), evaluated at the table state's own update count, as optax does for the dense groups.
+`apply_rows(..., keep=ok)` leaves table and state bit-identical when ok is False (the guard's skipped step) at a
+cost of the touched rows only: the rows are rewritten with their old values and the count does not advance.
 
 Letters: B batch, S sequence, H hash heads, d row width, V table rows, M = B * S * H rows read per step,
 n row shards, U = M unique-row slots per shard.
@@ -36,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax import sharding
 
-SPARSE_OPTIMIZERS = ("adam_lazy", "adagrad_rowwise")
+SPARSE_OPTIMIZERS = ("adam_lazy", "adagrad_rowwise", "sgd")
 
 
 class RowGrads(NamedTuple):
@@ -98,14 +103,29 @@ def state_bytes_per_row(kind: str, head_dim: int, dtype_bytes: int = 4) -> int:
   return per_row[kind] * dtype_bytes
 
 
+ROW_KEYS = {"adam_lazy": ("moments",), "adagrad_rowwise": ("acc",), "sgd": ()}  # per-row state arrays
+
+
 def init_state(kind: str, table: jax.Array) -> dict[str, jax.Array]:
-  """Fresh state of one table [V, d]: adam_lazy {'mu', 'nu' [V, d], 'count'}, adagrad_rowwise {'acc' [V], 'count'}."""
+  """Fresh state of one table [V, d]: adam_lazy {'moments' [V, 2, d] (first, second moment), 'count'},
+  adagrad_rowwise {'acc' [V], 'count'}, sgd {'count'}."""
   count = jnp.zeros((), jnp.int32)
   if kind == "adam_lazy":
-    return {"mu": jnp.zeros_like(table), "nu": jnp.zeros_like(table), "count": count}
+    return {"moments": jnp.zeros((table.shape[0], 2) + table.shape[1:], table.dtype), "count": count}
   if kind == "adagrad_rowwise":
     return {"acc": jnp.zeros(table.shape[:1], table.dtype), "count": count}
+  if kind == "sgd":
+    return {"count": count}
   raise ValueError(f"sparse table optimizer {kind!r}: use one of {SPARSE_OPTIMIZERS}")
+
+
+def check_state_layout(kind: str, state: Mapping) -> None:
+  """A clear error for a table state of another layout (e.g. adam_lazy's separate 'mu'/'nu' of earlier versions)."""
+  want = set(ROW_KEYS[kind]) | {"count"}
+  if set(state) != want:
+    raise ValueError(f"table_optimizer={kind!r} state has keys {sorted(state)}, this version expects {sorted(want)}"
+                     " (adam_lazy keeps both moments in one 'moments' [V, 2, d] array). Fix: resume with the "
+                     "engram_jax version that wrote it, or start a new MODEL_DIR.")
 
 
 def state_shardings(kind: str, table_sharding: NamedSharding) -> dict[str, NamedSharding]:
@@ -114,7 +134,9 @@ def state_shardings(kind: str, table_sharding: NamedSharding) -> dict[str, Named
   rows = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
   replicated = NamedSharding(mesh, PartitionSpec())
   if kind == "adam_lazy":
-    return {"mu": table_sharding, "nu": table_sharding, "count": replicated}
+    return {"moments": NamedSharding(mesh, PartitionSpec(*spec[:1], None, *spec[1:])), "count": replicated}
+  if kind == "sgd":
+    return {"count": replicated}
   return {"acc": rows, "count": replicated}
 
 
@@ -177,47 +199,61 @@ def row_grads(ids: jax.Array, grads: jax.Array, valid: jax.Array, num_rows: int,
 
 def apply_rows(kind: str, table: jax.Array, state: Mapping[str, jax.Array], grad: RowGrads, lr: jax.Array, *,
                b1: float, b2: float, eps: float, mesh: Mesh | None = None,
-               rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[jax.Array, dict[str, jax.Array]]:
+               rules: sharding.Rules = sharding.DEFAULT_RULES, keep: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One sparse step of `kind` on table [V, d] with its state: only the rows in `grad` change (on a mesh, each
-  row shard updates its own rows; no collective). lr: the table group's learning rate of this step."""
+  row shard updates its own rows; no collective). lr: the table group's learning rate of this step. keep: bool
+  scalar, False -> table and state come back bit-identical (the touched rows are rewritten with their old values,
+  the count stays): a skipped step at O(touched rows)."""
   if kind not in SPARSE_OPTIMIZERS:
     raise ValueError(f"sparse table optimizer {kind!r}: use one of {SPARSE_OPTIMIZERS}")
-  count = state["count"] + 1
+  check_state_layout(kind, state)
+  keep = jnp.ones((), bool) if keep is None else keep
+  count = jnp.where(keep, state["count"] + 1, state["count"])
   step_size = -lr.astype(table.dtype)
-  rows_keys = ("mu", "nu") if kind == "adam_lazy" else ("acc",)
+  rows_keys = ROW_KEYS[kind]
   n = 1 if mesh is None else _layout(mesh, rules, 1)[2]
   rows_local = table.shape[0] // n
 
-  def local(tab, slots, uids, g, lo_index):  # [V/n, d], {k: [V/n, ...]}, [1, U], [1, U, d], scalar
+  def local(tab, slots, uids, g, lo_index, keep):  # [V/n, d], {k: [V/n, ...]}, [1, U], [1, U, d], scalar, bool
     loc = uids[0] - lo_index * rows_local  # [U]; the fill id lands past the shard and is dropped
     g = g[0]
     get = lambda x: x.at[loc].get(mode="fill", fill_value=0)
+    rows = get(tab)  # [U, d]
     if kind == "adam_lazy":
-      upd, mu, nu = lazy_adam_rows(get(tab), get(slots["mu"]), get(slots["nu"]), g, step_size, count, b1, b2, eps)
-      new = {"mu": mu, "nu": nu}
-    else:
-      upd, acc = adagrad_rowwise_rows(get(slots["acc"]), g, step_size, eps)
+      old = {"moments": get(slots["moments"])}  # [U, 2, d]
+      upd, mu, nu = lazy_adam_rows(rows, old["moments"][:, 0], old["moments"][:, 1], g, step_size, count, b1, b2,
+                                   eps)
+      new = {"moments": jnp.stack([mu, nu], axis=1)}
+    elif kind == "adagrad_rowwise":
+      old = {"acc": get(slots["acc"])}  # [U]
+      upd, acc = adagrad_rowwise_rows(old["acc"], g, step_size, eps)
       new = {"acc": acc}
-    tab = tab.at[loc].add(upd, mode="drop")
-    return tab, {k: slots[k].at[loc].set(new[k], mode="drop") for k in rows_keys}
+    else:  # sgd
+      old, new, upd = {}, {}, g * step_size
+    # rows + upd is the same float sum as a scatter-add (the ids in `loc` are unique); `set` keeps a skipped row's
+    # bits (an add of 0 would turn -0.0 into +0.0)
+    put = lambda x, n, o: x.at[loc].set(jnp.where(keep, n, o), mode="drop")
+    tab = put(tab, rows + upd, rows)
+    return tab, {k: put(slots[k], new[k], old[k]) for k in rows_keys}
 
   slots = {k: state[k] for k in rows_keys}
   if mesh is None:
-    tab, slots = local(table, slots, grad.ids, grad.grads, 0)
+    tab, slots = local(table, slots, grad.ids, grad.grads, 0, keep)
   else:
     table_axes = _axes(mesh, "table_rows", rules)
     rows_spec = PartitionSpec(_spec(table_axes))
-    specs = {"mu": PartitionSpec(_spec(table_axes), None), "nu": PartitionSpec(_spec(table_axes), None),
+    specs = {"table": PartitionSpec(_spec(table_axes), None), "moments": PartitionSpec(_spec(table_axes), None, None),
              "acc": rows_spec}
 
-    def sharded(tab, slots, uids, g):
-      return local(tab, slots, uids, g, jax.lax.axis_index(table_axes) if table_axes else 0)
+    def sharded(tab, slots, uids, g, keep):
+      return local(tab, slots, uids, g, jax.lax.axis_index(table_axes) if table_axes else 0, keep)
 
     slot_specs = {k: specs[k] for k in rows_keys}
     tab, slots = jax.shard_map(sharded, mesh=mesh,
-                               in_specs=(specs["mu"], slot_specs, rows_spec, rows_spec),
-                               out_specs=(specs["mu"], slot_specs), check_vma=False)(table, slots, grad.ids,
-                                                                                    grad.grads)
+                               in_specs=(specs["table"], slot_specs, rows_spec, rows_spec, PartitionSpec()),
+                               out_specs=(specs["table"], slot_specs), check_vma=False)(table, slots, grad.ids,
+                                                                                       grad.grads, keep)
   return tab, {**slots, "count": count}
 
 
@@ -265,7 +301,7 @@ def with_leaves(tree: dict, paths: list[Path], leaves: list) -> dict:
 class Plan(NamedTuple):
   """Where a decoder's tables are and how they are updated (built once per setup; static under jit)."""
 
-  kind: str  # 'adam_lazy' | 'adagrad_rowwise'
+  kind: str  # 'adam_lazy' | 'adagrad_rowwise' | 'sgd'
   blocks: tuple[int, ...]  # decoder block index of each Engram layer
   paths: tuple[Path, ...]  # params path of each layer's table
   b1: float
@@ -297,8 +333,10 @@ class Plan(NamedTuple):
     return [row_grads(ids[i], grads[i], valid, t.shape[0], self.mesh, self.rules)
             for i, t in zip(self.blocks, tables)]
 
-  def apply(self, tables: list, states: list, grads: list[RowGrads], lr_fn) -> tuple[list, list]:
-    """One sparse step of every table at learning rate lr_fn(updates so far): (new tables, new states)."""
+  def apply(self, tables: list, states: list, grads: list[RowGrads], lr_fn, keep: jax.Array | None = None
+            ) -> tuple[list, list]:
+    """One sparse step of every table at learning rate lr_fn(updates so far): (new tables, new states); keep=False
+    leaves every table and state as it was (`apply_rows`)."""
     out = [apply_rows(self.kind, t, s, g, lr_fn(s["count"]), b1=self.b1, b2=self.b2, eps=self.eps, mesh=self.mesh,
-                      rules=self.rules) for t, s, g in zip(tables, states, grads)]
+                      rules=self.rules, keep=keep) for t, s, g in zip(tables, states, grads)]
     return [t for t, _ in out], [s for _, s in out]

@@ -2,7 +2,7 @@
 
 The state is a dict of pure pytrees {'params', 'opt', 'rest', 'step', 'rng'} ('rest' holds the model's
 non-trainable variables, e.g. MoE balance biases); one jitted, donated `train_step` maps it to the next state.
-'opt' is optax's state over every parameter, or, with a row-sparse table optimizer (adam_lazy, adagrad_rowwise),
+'opt' is optax's state over every parameter, or, with a row-sparse table optimizer (adam_lazy, adagrad_rowwise, sgd),
 {'backbone': optax's state over the non-table parameters, 'tables': per-table state at the tables' params paths}.
 """
 
@@ -110,8 +110,10 @@ def _make_setup(model_config: ModelConfig, optimizer: optim.OptimizerConfig, tot
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init, jnp.int32(0)), shardings)
   schedule = optim.learning_rate_schedule(optimizer, total_steps)
+  skip = on_nonfinite == "skip_step"
   train_step = guard.guarded(make_train_step(graphdef, tx, _balance_update_fn(model_config), schedule, plan,
-                                             optimizer, total_steps), on_nonfinite)
+                                             optimizer, total_steps, keep_rows_if_nonfinite=skip), on_nonfinite,
+                             row_guarded=plan.paths if plan is not None and skip else ())
   return Setup(graphdef, tx, labels, shardings, abstract, init,
                jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None)),
                jax.jit(make_eval_step(graphdef)))
@@ -123,6 +125,8 @@ def _sparse_plan(model_config: ModelConfig, optimizer: optim.OptimizerConfig, ab
   if optimizer.table_optimizer not in optim.SPARSE_TABLE_OPTIMIZERS or not model_config.engram_layers:
     return None
   if model_config.engram.lookup == "all_to_all":
+    if optimizer.table_optimizer == "sgd":  # dense SGD: the same update (untouched rows get a zero gradient)
+      return None
     raise ValueError(f"OptimizerConfig.table_optimizer={optimizer.table_optimizer!r} needs every gathered row to "
                      "reach the model; EngramConfig.lookup='all_to_all' drops ids over capacity: use lookup="
                      "'shard_map' or 'take', or table_optimizer='adam_dense'")
@@ -161,12 +165,14 @@ def intermediates(model: nnx.Module) -> dict[str, jax.Array]:
 def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: Callable | None,
                     schedule: Callable, plan: sparse_tables.Plan | None = None,
                     optimizer: optim.OptimizerConfig | None = None, total_steps: int = 1,
-                    host_tables: Callable | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
+                    host_tables: Callable | None = None, keep_rows_if_nonfinite: bool = False
+                    ) -> Callable[[State, Batch], tuple[State, dict]]:
   """The update: loss -> grads -> clipped optax groups -> MoE bias update (outside the gradient).
-  With a sparse `plan`, tables get row gradients and their own update (`sparse_step`). With `host_tables`
-  (tables in host memory, engram_jax.host_training): the batch carries each table's hashed ids and gathered rows,
-  the params hold [V, 0] stand-ins, and host_tables(row grads, batch, lr_fn) -> metrics entries that hand the
-  clipped row gradients to the host's update instead of updating the tables here."""
+  With a sparse `plan`, tables get row gradients and their own update (`sparse_step`); keep_rows_if_nonfinite:
+  a non-finite step leaves the tables and their state as they were, touching only its rows (for 'skip_step').
+  With `host_tables` (tables in host memory, engram_jax.host_training): the batch carries each table's hashed ids
+  and gathered rows, the params hold [V, 0] stand-ins, and host_tables(row grads, batch, lr_fn) -> metrics entries
+  that hand the clipped row gradients to the host's update instead of updating the tables here."""
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     def loss_fn(params, rows=None):
@@ -223,7 +229,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, update_biases: C
       params = sparse_tables.with_leaves(optax.apply_updates(backbone, updates), paths, tables)
       return out, grads, params, {"backbone": opt_backbone}, host_tables(row_grads, batch, lr_fn)
     states = [sparse_tables.get_path(state["opt"]["tables"], p) for p in paths]
-    tables, states = plan.apply(tables, states, row_grads, lr_fn)
+    keep = None
+    if keep_rows_if_nonfinite:  # the guard's test, on the same values (guard.guarded skips the rest of the state)
+      keep = guard.step_ok(out[1][0], optax.global_norm(grads), guard.nonfinite_leaves(grads))
+    tables, states = plan.apply(tables, states, row_grads, lr_fn, keep)
     params = sparse_tables.with_leaves(optax.apply_updates(backbone, updates), paths, tables)
     return out, grads, params, {"backbone": opt_backbone, "tables": sparse_tables.with_leaves({}, paths, states)}, {}
 

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import optim, sharding, sparse_tables, steps
+from engram_jax import guard, optim, sharding, sparse_tables, steps
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.losses import lm_terms, shift_right
 from engram_jax.models.config import ModelConfig
@@ -112,11 +112,11 @@ def _row_grads_touching(v: int, d: int, m: int, rng, every_row: bool) -> tuple[n
   return ids, rng.normal(size=(m, d)).astype(np.float32)
 
 
-def _apply(kind, table, state, ids, g, lr, **hp):
+def _apply(kind, table, state, ids, g, lr, keep=None, **hp):
   v = table.shape[0]
   uids, sums = sparse_tables.dedup_rows(jnp.asarray(ids), jnp.asarray(g), v)
   return sparse_tables.apply_rows(kind, table, state, sparse_tables.RowGrads(uids[None], sums[None]),
-                                  jnp.float32(lr), **hp)
+                                  jnp.float32(lr), keep=keep, **hp)
 
 
 def test_adam_lazy_touching_every_row_equals_dense_adam_and_leaves_untouched_rows_alone():
@@ -134,13 +134,13 @@ def test_adam_lazy_touching_every_row_equals_dense_adam_and_leaves_untouched_row
     dense = optax.apply_updates(dense, upd)
     table, state = apply(table, state, ids, g)
   np.testing.assert_allclose(np.asarray(table), np.asarray(dense), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(state["mu"]), np.asarray(opt[0].mu), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(state["nu"]), np.asarray(opt[0].nu), rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(np.asarray(state["moments"][:, 0]), np.asarray(opt[0].mu), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(state["moments"][:, 1]), np.asarray(opt[0].nu), rtol=1e-6, atol=1e-8)
   # A step that touches rows 0..3 only: other rows and their moments stay as they were (LazyAdam).
   ids, g = rng.integers(0, 4, 10).astype(np.int32), rng.normal(size=(10, d)).astype(np.float32)
   new_table, new_state = apply(table, state, ids, g)
   np.testing.assert_array_equal(np.asarray(new_table)[4:], np.asarray(table)[4:])
-  np.testing.assert_array_equal(np.asarray(new_state["mu"])[4:], np.asarray(state["mu"])[4:])
+  np.testing.assert_array_equal(np.asarray(new_state["moments"])[4:], np.asarray(state["moments"])[4:])
   assert not np.allclose(np.asarray(new_table)[:4], np.asarray(table)[:4])
   assert int(new_state["count"]) == 4
 
@@ -164,6 +164,58 @@ def test_adagrad_rowwise_equals_numpy_reference():
   np.testing.assert_allclose(np.asarray(got), ref_table, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(state["acc"]), ref_acc, rtol=1e-5)
   assert state["acc"].shape == (v,) and int(state["count"]) == 3
+
+
+def test_sparse_sgd_equals_dense_sgd():
+  """Row-sparse SGD (touched rows only) equals optax SGD on the dense gradient, untouched rows bit-identical."""
+  rng = np.random.default_rng(4)
+  v, d = 20, 3
+  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+  dense, state = table, sparse_tables.init_state("sgd", table)
+  apply = jax.jit(lambda t, s, i, g, lr: _apply("sgd", t, s, i, g, lr, b1=0.9, b2=0.95, eps=1e-8))
+  for lr in (0.1, 0.03):
+    ids, g = _row_grads_touching(v, d, 12, rng, every_row=False)
+    upd, _ = optax.sgd(lr).update(jnp.zeros((v, d)).at[ids].add(g), optax.sgd(lr).init(dense))
+    before = table
+    dense = optax.apply_updates(dense, upd)
+    table, state = apply(table, state, ids, g, lr)
+    untouched = np.setdiff1d(np.arange(v), ids)
+    np.testing.assert_array_equal(np.asarray(table)[untouched], np.asarray(before)[untouched])
+  np.testing.assert_allclose(np.asarray(table), np.asarray(dense), rtol=1e-6, atol=1e-7)
+  assert set(state) == {"count"} and int(state["count"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["adam_lazy", "adagrad_rowwise", "sgd"])
+def test_keep_false_leaves_table_and_state_bit_identical(kind):
+  """apply_rows(keep=False) (a skipped step) returns every bit as it was, even with NaN gradients and -0.0 rows;
+  keep=True is the plain update (within float rounding: XLA fuses a traced and a constant flag differently)."""
+  rng = np.random.default_rng(5)
+  v, d = 16, 4
+  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32).at[3].set(-0.0)
+  state = sparse_tables.init_state(kind, table)
+  apply = jax.jit(lambda t, s, i, g, keep: _apply(kind, t, s, i, g, 0.1, b1=0.9, b2=0.95, eps=1e-8, keep=keep))
+  ids, g = _row_grads_touching(v, d, 24, rng, every_row=True)
+  table, state = apply(table, state, ids, g, True)  # a state that is not all zeros
+  g_nan = g.copy()
+  g_nan[0] = np.nan
+  for grads in (g, g_nan):
+    new_table, new_state = apply(table, state, ids, grads, False)
+    np.testing.assert_array_equal(np.asarray(new_table).view(np.uint32), np.asarray(table).view(np.uint32))
+    for k in state:
+      np.testing.assert_array_equal(np.asarray(new_state[k]), np.asarray(state[k]))
+  plain = jax.jit(lambda t, s, i, g: _apply(kind, t, s, i, g, 0.1, b1=0.9, b2=0.95, eps=1e-8))(table, state, ids, g)
+  kept = apply(table, state, ids, g, True)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(kept)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert not np.array_equal(np.asarray(kept[0]), np.asarray(table))
+
+
+def test_older_adam_lazy_state_layout_is_named():
+  table = jnp.zeros((8, 2))
+  old = {"mu": jnp.zeros((8, 2)), "nu": jnp.zeros((8, 2)), "count": jnp.zeros((), jnp.int32)}
+  rg = sparse_tables.RowGrads(jnp.full((1, 4), 8, jnp.int32), jnp.zeros((1, 4, 2)))
+  with pytest.raises(ValueError, match="'moments'.*new MODEL_DIR"):
+    sparse_tables.apply_rows("adam_lazy", table, old, rg, jnp.float32(0.1), b1=0.9, b2=0.95, eps=1e-8)
 
 
 def test_state_bytes_per_row():
@@ -208,8 +260,8 @@ def test_sparse_step_clips_and_trains_like_the_dense_step(single):
   np.testing.assert_allclose(float(m_lazy["loss"]), float(m_dense["loss"]), rtol=1e-3)
   np.testing.assert_allclose(float(m_lazy["grad_norm"]), float(m_dense["grad_norm"]), rtol=1e-3)
   assert set(lazy["opt"]) == {"backbone", "tables"}
-  assert lazy["opt"]["tables"]["blocks"][0]["engram"]["table"]["mu"].shape == dense["params"]["blocks"][0][
-      "engram"]["table"].shape
+  v, d = dense["params"]["blocks"][0]["engram"]["table"].shape
+  assert lazy["opt"]["tables"]["blocks"][0]["engram"]["table"]["moments"].shape == (v, 2, d)
   grow = single["adagrad_rowwise"][0]["opt"]["tables"]["blocks"][0]["engram"]["table"]["acc"]
   assert grow.ndim == 1 and (np.asarray(grow) > 0).any()
 
@@ -288,3 +340,69 @@ def test_table_optimizer_names():
     optim.OptimizerConfig(table_optimizer="adam_lazy", table_weight_decay=0.1)
   with pytest.raises(ValueError, match="row-sparse"):
     optim.make_optimizer(optim.OptimizerConfig(table_optimizer="adagrad_rowwise"), 10, {})
+
+
+def test_sparse_sgd_train_step_equals_dense_sgd_train_step():
+  """Two train steps with table_optimizer='sgd' (row-sparse) == the same steps with optax SGD on the dense table
+  gradient (within float reassociation of the summed row gradients); the sparse state is a count only."""
+  setup, mesh = _setup("sgd")
+  assert set(setup.abstract["opt"]["tables"]["blocks"][0]["engram"]["table"]) == {"count"}
+  opt_cfg = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, table_optimizer="sgd", grad_clip_norm=0.5)
+  tx = optim.make_optimizer(opt_cfg, 20, setup.labels)
+  dense_step = jax.jit(steps.make_train_step(setup.graphdef, tx, None, optim.learning_rate_schedule(opt_cfg, 20)))
+  state = setup.init(jnp.int32(0))
+  dense = {**jax.tree.map(jnp.copy, state), "opt": tx.init(state["params"])}
+  for i in range(2):
+    dense, m_dense = dense_step(dense, _on(mesh, _batch(i)))
+  sparse, m_sparse = _run(setup, mesh, 2)
+  np.testing.assert_allclose(float(m_sparse["loss"]), float(m_dense["loss"]), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+               sparse["params"], dense["params"])
+
+
+def _selects_over_rows(hlo: str, rows: int) -> list[str]:
+  return [line.strip()[:120] for line in hlo.splitlines() if re.search(rf"\[{rows},[0-9,]*\][^=]*select\(", line)]
+
+
+@pytest.mark.parametrize("kind", ["adam_lazy", pytest.param("sgd", marks=pytest.mark.slow)])
+def test_skip_step_keeps_tables_bit_identical_without_touching_every_row(kind):
+  """on_nonfinite='skip_step' with a row-sparse table optimizer: a non-finite step leaves the table and its state
+  bit-identical, and the compiled step has no select over a table-sized array (adam_dense's has: the control)."""
+  opt = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, table_optimizer=kind, grad_clip_norm=0.5)
+  mesh = sharding.make_mesh("data=1", jax.devices()[:1])
+  setup = steps.make_setup(CFG, opt, 20, mesh, on_nonfinite="skip_step")
+  state, _ = _run(setup, mesh, 1)
+  path = setup.abstract["params"]["blocks"][0]["engram"]["table"]
+  backbone = sparse_tables.without(state["params"], [("blocks", 0, "engram", "table")])
+  leaves, treedef = jax.tree.flatten(backbone)
+  leaves[0] = leaves[0] * jnp.nan  # a non-finite backbone parameter: loss and gradients go NaN
+  poisoned = {**state, "params": sparse_tables.with_leaves(jax.tree.unflatten(treedef, leaves),
+                                                           [("blocks", 0, "engram", "table")],
+                                                           [state["params"]["blocks"][0]["engram"]["table"]])}
+  before = jax.device_get(poisoned)
+  after, metrics = setup.train_step(poisoned, _on(mesh, _batch(1)))
+  assert not bool(metrics[guard.FINITE]) and int(after["step"]) == int(before["step"]) + 1
+  for key in ("params", "opt"):
+    for a, b in zip(jax.tree.leaves(jax.device_get(after[key])), jax.tree.leaves(before[key])):
+      np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+  rows = path.shape[0]
+  hlo = setup.train_step.lower(setup.abstract, _on(mesh, _batch())).compile().as_text()
+  assert not _selects_over_rows(hlo, rows), _selects_over_rows(hlo, rows)[:3]
+  dense = steps.make_setup(CFG, dataclasses.replace(opt, table_optimizer="adam_dense"), 20, mesh,
+                           on_nonfinite="skip_step")
+  assert _selects_over_rows(dense.train_step.lower(dense.abstract, _on(mesh, _batch())).compile().as_text(), rows)
+
+
+def test_older_adam_lazy_checkpoint_gets_a_clear_error_and_stays_in_place(tmp_path):
+  """A run directory of the separate 'mu'/'nu' layout: restore names the differing entries and moves nothing."""
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  old = {"opt": {"mu": jnp.zeros((8, 2)), "nu": jnp.zeros((8, 2)), "count": jnp.zeros((), jnp.int32)}}
+  ckpt = ckpt_lib.Checkpointer(tmp_path)
+  ckpt.save(3, old, {"position": 0})
+  ckpt.wait()
+  new = {"opt": {"moments": jax.ShapeDtypeStruct((8, 2, 2), jnp.float32, sharding=dev),
+                 "count": jax.ShapeDtypeStruct((), jnp.int32, sharding=dev)}}
+  with pytest.raises(ValueError, match=r"another structure.*opt\.moments, opt\.mu, opt\.nu.*new MODEL_DIR"):
+    ckpt.restore_latest(new)
+  ckpt.close()
+  assert (tmp_path / "3").is_dir() and not list(tmp_path.glob("*.corrupt"))
