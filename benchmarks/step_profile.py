@@ -190,10 +190,13 @@ def dispatch_stages(c, tokens: int, experts, mask) -> dict:
     def ragged(xs, wg, wu, wd):
       hh = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
       return jax.lax.ragged_dot(hh, wd, sizes)
+    def blocked(xs, wg, wu, wd):
+      return moe_lib._blocked_swiglu(xs, flat[order], sizes, wg, wu, wd, 128)
     def unsort(ys, wts):
       yy = jnp.zeros_like(ys).at[order].set(ys).reshape(experts.shape + ys.shape[-1:])
       return jnp.einsum("tkd,tk->td", yy, wts)
-    return {"dropless": (lambda x: x[order // k], ragged, unsort)}
+    return {"dropless_blocked": (lambda x: x[order // k], blocked, unsort),
+            "dropless_ragged_dot": (lambda x: x[order // k], ragged, unsort)}
   cap = moe_lib.capacity_per_expert(tokens, c.top_k, e, c.capacity_factor)
   out = {}
   for impl in getattr(moe_lib, "CAPACITY_IMPLS", (None,)):
@@ -310,8 +313,10 @@ def main(argv=None):
 def step_variants(cfg) -> dict:
   """The model as configured ('default') and the previous implementations it can select, for before/after."""
   out = {"default": cfg}
-  if cfg.moe is not None and cfg.moe.dispatch == "capacity" and hasattr(cfg.moe, "capacity_impl"):
-    out["capacity_einsum"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_impl="onehot"))
+  if cfg.moe is not None and cfg.moe.dispatch == "capacity":
+    out["capacity_onehot"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_impl="onehot"))
+  if cfg.moe is not None and cfg.moe.dispatch == "dropless":
+    out["ragged_dot"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dropless_impl="ragged_dot"))
   return out
 
 

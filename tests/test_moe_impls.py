@@ -1,4 +1,5 @@
-"""The capacity path's two slot rankings ('sorted' and 'onehot') agree: slots, outputs, gradients, train losses."""
+"""The MoE implementations that must agree: the capacity path's slot rankings ('sorted', 'onehot': slots, outputs,
+gradients, train losses) and the dropless grouped matmuls ('blocked', 'ragged_dot': outputs and gradients)."""
 
 import dataclasses
 
@@ -44,6 +45,31 @@ def test_slots_match_the_loop(capacity, num_experts):
 def test_unknown_impl_is_rejected():
   with pytest.raises(ValueError, match="capacity_impl"):
     moe.validate_moe_config(MoEConfig(capacity_impl="dense"))
+  with pytest.raises(ValueError, match="dropless_impl"):
+    moe.validate_moe_config(MoEConfig(dropless_impl="dense"))
+
+
+@pytest.mark.parametrize("block_rows", [1, 4, 7, 128])
+def test_blocked_dropless_equals_ragged_dot(block_rows):
+  """Uneven groups (expert 5 of 6 gets no rows), blocks smaller and larger than groups: outputs and all grads."""
+  t, k, e, d, f = 21, 2, 6, 8, 5
+  rng = np.random.default_rng(block_rows)
+  experts = jnp.asarray(np.stack([rng.choice(5, k, replace=False) for _ in range(t)]), jnp.int32)  # [T, k]
+  keys = jax.random.split(jax.random.key(block_rows), 5)
+  x = jax.random.normal(keys[0], (t, d))
+  wts = jax.random.uniform(keys[1], (t, k))
+  ws = (jax.random.normal(keys[2], (e, d, f)), jax.random.normal(keys[3], (e, d, f)),
+        jax.random.normal(keys[4], (e, f, d)))
+
+  def run(impl):
+    fn = lambda *a: jnp.sum(jnp.sin(moe.dropless_experts(a[0], a[1], experts, *a[2:], impl=impl,
+                                                         block_rows=block_rows)))
+    return jax.jit(jax.value_and_grad(fn, argnums=tuple(range(5))))(x, wts, *ws)
+
+  (la, ga), (lb, gb) = run("blocked"), run("ragged_dot")
+  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+  for u, v in zip(ga, gb):  # float reassociation only: tolerance relative to each gradient's scale
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5 * float(np.abs(v).max()))
 
 
 def test_module_outputs_and_grads_agree_with_drops_and_padding():
