@@ -8,8 +8,8 @@ One run measures, round-robin (one call of every item in turn, so load from othe
                model's own weights and shapes: embedding, attention (one block), dense FFN, MoE router, dispatch,
                expert matmuls, combine, shared expert, the whole MoE, Engram (hash, lookup, gate+value, short conv,
                the whole layer), final norm + LM head + loss, optimizer update;
-  step         the real train step (engram_jax.steps.make_setup), every variant of each model (e.g. the MoE's
-               'einsum' and 'sorted' capacity dispatch), their losses compared.
+  step         the real train step (engram_jax.steps.make_setup), every variant of each model (the MoE's
+               capacity slots 'sorted' vs 'onehot', dropless 'blocked' vs 'ragged_dot'), their losses compared.
 Per item: median wall ms, median process CPU s (all threads; robust to load), XLA's FLOP count of the compiled
 function (cost_analysis) and GFLOP/s (wall and per CPU-second) as a fraction of the matmul's in the same run.
 Models: sweep_moe / sweep_engram (configs/experiments/sparsity_allocation_cpu.gin at rho 1 and 0.8) and quickstart
