@@ -68,6 +68,10 @@ def validate_moe_config(config: MoEConfig, mesh: Mesh | None = None) -> None:
     raise ValueError(f"MoEConfig.score_func={c.score_func!r}; use one of {SCORE_FUNCS}")
   if c.dispatch not in DISPATCHES:
     raise ValueError(f"MoEConfig.dispatch={c.dispatch!r}; use one of {DISPATCHES}")
+  if c.dropless_impl not in DROPLESS_IMPLS:
+    raise ValueError(f"MoEConfig.dropless_impl={c.dropless_impl!r}; use one of {DROPLESS_IMPLS}")
+  if c.capacity_impl not in CAPACITY_IMPLS:
+    raise ValueError(f"MoEConfig.capacity_impl={c.capacity_impl!r}; use one of {CAPACITY_IMPLS}")
   if c.capacity_factor <= 0:
     raise ValueError(f"MoEConfig.capacity_factor={c.capacity_factor} must be > 0")
   if c.bias_update_rate < 0 or c.seq_aux_loss_coef < 0:
@@ -136,41 +140,92 @@ def _expert_swiglu(x, w_gate, w_up, w_down):
   return jnp.einsum("ecf,efd->ecd", h, w_down)
 
 
+DROPLESS_IMPLS = ("blocked", "ragged_dot")
+
+
 def dropless_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                     w_down: jax.Array) -> jax.Array:
-  """Every assignment computed: sort the T*k assignments by expert, grouped matmuls (jax.lax.ragged_dot), unsort,
-  weight and sum. x [T, D], weights/experts [T, k], w_gate/w_up [E, D, F], w_down [E, F, D] -> [T, D]."""
+                     w_down: jax.Array, impl: str = "blocked", block_rows: int = 128) -> jax.Array:
+  """Every assignment computed: sort the T*k assignments by expert, grouped matmuls, unsort, weight and sum.
+  x [T, D], weights/experts [T, k], w_gate/w_up [E, D, F], w_down [E, F, D] -> [T, D].
+
+  impl 'blocked': each expert's run of sorted rows is padded to a multiple of block_rows, so every block of
+  block_rows rows belongs to one expert and the grouped matmul is a batched matmul over blocks with per-block
+  gathered weights (FLOPs ~ T*k + E*block_rows rows). 'ragged_dot': jax.lax.ragged_dot, which XLA:CPU computes
+  densely for every expert (E times the FLOPs). Same per-row arithmetic: outputs agree within reassociation.
+  """
   t, k = experts.shape
+  e = w_gate.shape[0]
   flat = experts.reshape(-1)  # [T*k]
   order = jnp.argsort(flat, stable=True)  # assignment index, grouped by expert
-  group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)  # [E]
+  group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
   xs = x[order // k]  # [T*k, D]
   with jax.named_scope("moe_experts"):
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
-    ys = jax.lax.ragged_dot(h, w_down, group_sizes)  # [T*k, D]
+    if impl == "ragged_dot":
+      h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
+      ys = jax.lax.ragged_dot(h, w_down, group_sizes)  # [T*k, D]
+    elif impl == "blocked":
+      ys = _blocked_swiglu(xs, flat[order], group_sizes, w_gate, w_up, w_down, block_rows)
+    else:
+      raise ValueError(f"dropless_experts: impl={impl!r}; use one of {DROPLESS_IMPLS}")
   with jax.named_scope("moe_combine"):
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)  # [T, k, D]
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-def capacity_slots(experts: jax.Array, num_experts: int, capacity: int, mask: jax.Array | None = None):
+def _blocked_swiglu(xs, sorted_experts, group_sizes, w_gate, w_up, w_down, block_rows: int):
+  """SwiGLU of rows xs [M, D] sorted by expert (sorted_experts [M], group_sizes [E]) -> [M, D], computed on
+  blocks of block_rows rows that each hold one expert's rows (zero padding between experts' runs)."""
+  m, e = xs.shape[0], w_gate.shape[0]
+  b = max(1, min(block_rows, m))
+  padded = -(-group_sizes // b) * b  # [E] each run rounded up to whole blocks
+  padded_end = jnp.cumsum(padded)  # [E]
+  start = jnp.cumsum(group_sizes) - group_sizes  # [E] first sorted row of each expert
+  dest = (padded_end - padded)[sorted_experts] + jnp.arange(m, dtype=jnp.int32) - start[sorted_experts]  # [M]
+  nb = -(-(m + e * (b - 1)) // b)  # static bound on the blocks
+  buf = jnp.zeros((nb * b, xs.shape[1]), xs.dtype).at[dest].set(xs, unique_indices=True)  # [R, D]
+  block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(nb) * b, side="right"), e - 1)  # [nb]
+  xb = buf.reshape(nb, b, -1)  # [nb, b, D]
+  hb = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xb, w_gate[block_expert])) * jnp.einsum(
+      "nbd,ndf->nbf", xb, w_up[block_expert])  # [nb, b, F]
+  yb = jnp.einsum("nbf,nfd->nbd", hb, w_down[block_expert])  # [nb, b, D]
+  return yb.reshape(nb * b, -1)[dest]  # [M, D]
+
+
+CAPACITY_IMPLS = ("sorted", "onehot")
+
+
+def capacity_slots(experts: jax.Array, num_experts: int, capacity: int, mask: jax.Array | None = None,
+                   impl: str = "sorted"):
   """Slot of every assignment in its expert's buffer, first come first served in (token, k) order.
 
-  experts [T, k] -> (slot [T, k] int32, kept [T, k] bool). Masked-out tokens take no slot and are not kept;
-  assignments with slot >= capacity are dropped.
+  experts [T, k] -> (slot [T, k] int32, kept [T, k] bool). Masked-out tokens take no slot (slot 0, not kept);
+  assignments with slot >= capacity are dropped. impl 'sorted': a stable sort of the T*k assignments by expert,
+  rank = position - start of the expert's run (O(T k log(T k)), no [T*k, E] array); 'onehot': a cumulative sum
+  over a one-hot [T*k, E] (O(T k E)). Both give identical slots.
   """
   t, k = experts.shape
-  onehot = jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.int32)  # [T*k, E]
   valid = jnp.ones((t, k), bool) if mask is None else jnp.broadcast_to(mask[:, None], (t, k))
-  onehot = onehot * valid.reshape(-1, 1)
-  position = jnp.cumsum(onehot, axis=0) - 1  # [T*k, E] rank within each expert's queue
-  slot = jnp.sum(position * onehot, axis=1).reshape(t, k)  # [T, k]
+  if impl == "onehot":
+    onehot = jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.int32)  # [T*k, E]
+    onehot = onehot * valid.reshape(-1, 1)
+    position = jnp.cumsum(onehot, axis=0) - 1  # [T*k, E] rank within each expert's queue
+    slot = jnp.sum(position * onehot, axis=1).reshape(t, k)  # [T, k]
+  elif impl == "sorted":
+    key = jnp.where(valid, experts, num_experts).reshape(-1)  # [T*k]; masked tokens queue last, apart
+    order = jnp.argsort(key, stable=True)  # [T*k] assignments grouped by expert, (token, k) order kept
+    counts = jnp.bincount(key, length=num_experts + 1)  # [E+1]
+    starts = jnp.cumsum(counts) - counts  # [E+1] first sorted position of each expert
+    rank = jnp.arange(t * k, dtype=jnp.int32) - starts[key[order]].astype(jnp.int32)  # [T*k] in sorted order
+    slot = jnp.zeros((t * k,), jnp.int32).at[order].set(rank).reshape(t, k)  # [T, k]
+    slot = jnp.where(valid, slot, 0)
+  else:
+    raise ValueError(f"capacity_slots: impl={impl!r}; use one of {CAPACITY_IMPLS}")
   return slot.astype(jnp.int32), valid & (slot < capacity)
 
 
 def capacity_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                      w_down: jax.Array, capacity: int, mask: jax.Array | None = None,
-                     expert_axis: str | None = None, model_axis: str | None = None):
+                     expert_axis: str | None = None, model_axis: str | None = None, slots_impl: str = "sorted"):
   """Fixed-capacity dispatch with optional expert parallelism; call inside shard_map when axes are given.
 
   x [T, D] local tokens; weights/experts [T, k]; local expert weights [E/ep, D, F/mp], [E/ep, F/mp, D];
@@ -179,7 +234,7 @@ def capacity_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gat
   """
   e = w_gate.shape[0] * (jax.lax.axis_size(expert_axis) if expert_axis else 1)  # all experts
   with jax.named_scope("moe_dispatch"):
-    slot, kept = capacity_slots(experts, e, capacity, mask)  # [T, k]
+    slot, kept = capacity_slots(experts, e, capacity, mask, slots_impl)  # [T, k]
     slot = jnp.where(kept, slot, capacity)  # out of bounds: dropped by the scatter, zero from the gather
     src = jnp.broadcast_to(x[:, None, :], experts.shape + x.shape[-1:])  # [T, k, D]
     buf = jnp.zeros((e, capacity, x.shape[-1]), x.dtype).at[experts, slot].set(src, mode="drop")  # [E, C, D]
@@ -241,13 +296,14 @@ class MoE(nnx.Module):
                                        norm_topk=c.norm_topk)
       weights = weights * mt[:, None]
     if c.dispatch == "dropless":
-      y = dropless_experts(xt, weights, experts, w_gate, w_up, w_down)
+      y = dropless_experts(xt, weights, experts, w_gate, w_up, w_down, c.dropless_impl)
       if model_axis:
         y = jax.lax.psum(y, model_axis)
       dropped = jnp.zeros((), jnp.float32)
     else:
       cap = capacity_per_expert(b * s, c.top_k, c.num_experts, c.capacity_factor)
-      y, dropped = capacity_experts(xt, weights, experts, w_gate, w_up, w_down, cap, mt, expert_axis, model_axis)
+      y, dropped = capacity_experts(xt, weights, experts, w_gate, w_up, w_down, cap, mt, expert_axis, model_axis,
+                                    c.capacity_impl)
     counts = expert_counts(experts, c.num_experts, mt)  # [E]
     aux = (sequence_aux_loss(scores.reshape(b, s, -1), experts.reshape(b, s, -1), mask, c.top_k)
            if c.seq_aux_loss_coef > 0 else jnp.zeros((), jnp.float32))
