@@ -157,6 +157,12 @@ def test_table_optimizer_plan_changes_only_the_table_optimizer_and_writes_result
   trained.clear()
   me.run_experiment(exp, run, str(tmp_path), train_fn=fake_train, command="test", log=lambda s: None)
   assert trained == []
+  # a record written before a field existed (a later implementation choice) still counts as finished
+  rec = json.loads((tmp_path / "adam_lazy_seed0" / "point_result.json").read_text())
+  del rec["model_config"]["moe"]["capacity_impl"]
+  (tmp_path / "adam_lazy_seed0" / "point_result.json").write_text(json.dumps(rec))
+  me.run_experiment(exp, run, str(tmp_path), train_fn=fake_train, command="test", log=lambda s: None)
+  assert trained == []
   # report_only: a partial report of the finished runs, nothing trained, the missing ones named
   partial = tmp_path / "partial"
   for name in ("adam_dense_seed0", "adam_dense_seed1", "adam_lazy_seed0"):

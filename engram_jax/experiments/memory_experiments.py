@@ -271,6 +271,14 @@ def readme(results: dict) -> str:
 # ------------------------------------------------------------------------------------------------ runner
 
 
+def _differs(saved, now) -> bool:
+  """Whether a finished run's model config differs from the planned one. Fields the saved record lacks are
+  implementation choices added later with math-preserving defaults (e.g. MoEConfig.capacity_impl): ignored."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return any(k not in now or _differs(v, now[k]) for k, v in saved.items())
+  return saved != now
+
+
 def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callable | None = None,
                    command: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Trains every (point, seed) not finished under `out_dir`, then writes results.json, the PNG and README.md."""
@@ -289,7 +297,7 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
       if os.path.exists(path):
         with open(path) as f:
           done = json.load(f)
-        if done["model_config"] != _jsonable(model):
+        if _differs(done["model_config"], _jsonable(model)):
           raise ValueError(f"{path} was trained with another model config than point {name!r} plans now; use a "
                            "new out_dir or delete that run")
         log(f"[{rname}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")
