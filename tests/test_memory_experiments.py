@@ -177,3 +177,29 @@ def test_table_optimizer_plan_changes_only_the_table_optimizer_and_writes_result
   with pytest.raises(ValueError, match="no finished run"):
     me.run_experiment(dataclasses.replace(exp, report_only=True), run, str(tmp_path / "empty"),
                       train_fn=fake_train, log=lambda s: None)
+
+
+def test_a_run_finished_by_a_train_command_is_adopted_without_training(tmp_path):
+  """result.json complete at the planned steps and run_record.json with the planned configs: reported as is
+  (checkpoints not opened); another seed's or optimizer's record is not adopted."""
+  import dataclasses
+  from engram_jax import configurables, cli
+  from engram_jax.experiments.sparsity_allocation import _jsonable
+  exp, run, _ = configurables.resolve("experiment", ["configs/experiments/table_optimizer_quality.gin"],
+                                      entry=cli.EXPERIMENT)
+  exp = dataclasses.replace(exp, seeds=(0,), table_optimizers=("adam_dense",))
+  (_, model, planned), = me.plan(exp, run)
+  cfg = dataclasses.replace(planned, seed=0)
+  run_dir = tmp_path / "adam_dense_seed0"
+  run_dir.mkdir()
+  (run_dir / "result.json").write_text(json.dumps({"status": "complete", "steps": cfg.steps, "final_val_loss": 6.3,
+                                                   "val_curve": [[cfg.steps, 6.3]]}))
+  record = {"model_config": _jsonable(model), "run_config": _jsonable(dataclasses.replace(cfg, seed=1))}
+  (run_dir / "run_record.json").write_text(json.dumps(record))
+  assert me._finished_elsewhere(str(run_dir), model, cfg) is None  # another seed
+  record["run_config"] = _jsonable(cfg)
+  (run_dir / "run_record.json").write_text(json.dumps(record))
+  trained = []
+  res = me.run_experiment(exp, run, str(tmp_path), train_fn=lambda *a: trained.append(a), command="t",
+                          log=lambda s: None)
+  assert trained == [] and res["summary"]["points"]["adam_dense"]["mean_val_loss"] == 6.3

@@ -279,6 +279,24 @@ def _differs(saved, now) -> bool:
   return saved != now
 
 
+def _finished_elsewhere(run_dir: str, model, cfg) -> dict | None:
+  """The result of a run that a plain train command finished in `run_dir` with this point's model and run config
+  (result.json complete at cfg.steps; run_record.json's configs equal the plan), else None. Its checkpoints are not
+  opened, so a run whose optimizer-state layout a later version changed still reports."""
+  try:
+    with open(os.path.join(run_dir, "result.json")) as f:
+      result = json.load(f)
+    with open(os.path.join(run_dir, "run_record.json")) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if result.get("status") != "complete" or result.get("steps") != cfg.steps:
+    return None
+  if _differs(record.get("model_config"), _jsonable(model)) or _differs(record.get("run_config"), _jsonable(cfg)):
+    return None
+  return result
+
+
 def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callable | None = None,
                    command: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Trains every (point, seed) not finished under `out_dir`, then writes results.json, the PNG and README.md."""
@@ -311,7 +329,11 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
       cfg = dataclasses.replace(run_cfg, seed=seed)
       log(f"[{rname}] training: P_tot={b.total} P_act={b.active} table={b.engram_table}")
       t0 = time.time()
-      result = train_fn(model, cfg, run_dir)
+      result = _finished_elsewhere(run_dir, model, cfg)
+      if result is not None:  # trained to the end by a train command into this directory: adopted, not reopened
+        log(f"[{rname}] finished by an earlier train command: adopted")
+      else:
+        result = train_fn(model, cfg, run_dir)
       slots = budget.engram_table_rows(model) if model.engram_layers else 0
       record = {"point": name, "seed": seed, "wall_s": time.time() - t0, "slots": slots,
                 "variant": name.rsplit("_slots", 1)[0] if exp.kind == "infinite_memory" and slots else None,
