@@ -321,7 +321,7 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
         log(f"[{rname}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")
         runs.append(done)
         continue
-      if exp.report_only:
+      if exp.report_only and _finished_elsewhere(run_dir, model, dataclasses.replace(run_cfg, seed=seed)) is None:
         missing.append(rname)
         log(f"[{rname}] not finished: left out of the report (report_only)")
         continue
