@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MODEL_GIN = "configs/models/engram_moe_tiny.gin"
 
+from packed_rows import packed_layout  # noqa: E402  (benchmarks/ is the script's directory)
+
 
 def model_config(rows: int, placement: str):
   from engram_jax import configurables  # noqa: PLC0415
@@ -48,13 +50,7 @@ def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dic
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
-    seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
-    for r in range(batch):
-      i, doc = 0, 1
-      while i < seq:
-        k = min(int(rng.integers(32, seq + 1)), seq - i)
-        seg[r, i:i + k], pos[r, i:i + k] = doc, np.arange(k)
-        i, doc = i + k, doc + 1
+    seg, pos = packed_layout(rng, batch, seq)
     targets = ((rng.zipf(1.2, size=(batch, seq)) - 1) % (vocab - 1) + 1).astype(np.int32)
     out.append({"targets": targets, "segment_ids": seg, "positions": pos})
   return out

@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from packed_rows import packed_layout  # noqa: E402
 
 PEAK_N = 2048
 
@@ -53,13 +54,7 @@ def model_configs(seq: int) -> dict:
 def packed_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
   """Random packed rows (documents of 32..seq tokens), as the data pipeline produces them."""
   rng = np.random.default_rng(seed)
-  seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
-  for r in range(batch):
-    i, doc = 0, 1
-    while i < seq:
-      n = min(int(rng.integers(32, seq + 1)), seq - i)
-      seg[r, i:i + n], pos[r, i:i + n] = doc, np.arange(n)
-      i, doc = i + n, doc + 1
+  seg, pos = packed_layout(rng, batch, seq)
   return {"targets": rng.integers(3, vocab, (batch, seq)).astype(np.int32), "segment_ids": seg, "positions": pos}
 
 

@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CPU_SWEEP = os.path.join(ROOT, "configs/experiments/sparsity_allocation_cpu.gin")
 
+from packed_rows import packed_layout  # noqa: E402  (benchmarks/ is the script's directory)
+
 
 def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -50,14 +52,7 @@ def build(config, table_optimizer: str, batch: int, seq: int) -> dict:
   setup = steps.make_setup(config, OptimizerConfig(table_optimizer=table_optimizer), 1000, mesh)
   state = setup.init(jnp.int32(0))
   rng = np.random.default_rng(0)
-  # Packed rows: documents of 32..seq tokens, as the data pipeline produces them.
-  seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
-  for r in range(batch):
-    i, doc = 0, 1
-    while i < seq:
-      n = min(int(rng.integers(32, seq + 1)), seq - i)
-      seg[r, i:i + n], pos[r, i:i + n] = doc, np.arange(n)
-      i, doc = i + n, doc + 1
+  seg, pos = packed_layout(rng, batch, seq)  # documents of 32..seq tokens, as the data pipeline packs them
   data = {"targets": rng.integers(3, config.vocab_size, (batch, seq)).astype(np.int32), "segment_ids": seg,
           "positions": pos}
   data = to_global(data, mesh)
