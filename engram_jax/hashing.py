@@ -26,6 +26,7 @@ V raw vocabulary size, V' compressed vocabulary size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import unicodedata
@@ -341,6 +342,36 @@ def hash_ngrams_np(compressed_ids: np.ndarray, segment_ids: np.ndarray | None, s
       out.append(mix % dt(p))
   rows = np.stack(out, axis=-1).astype(np.int32)  # [B, S(+N-1), H]
   return rows[:, x.shape[1] - s:]
+
+
+@functools.lru_cache(maxsize=256)
+def _window_constants(spec: HashSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(multipliers [N], head -> order index [H], primes [H]) in the hash's dtype, for hash_window_np."""
+  dt = np.uint32 if spec.hash_bits == 32 else np.int64
+  order = np.concatenate([np.full(len(ps), i + 1) for i, ps in enumerate(spec.primes)])
+  primes = np.asarray([p for ps in spec.primes for p in ps], dt)
+  return np.asarray(spec.multipliers, dt), order, primes
+
+
+def hash_window_np(window: np.ndarray, spec: HashSpec) -> np.ndarray:
+  """Decode fast path of `hash_ngrams_np`, bit-identical to it with `history`: window [B, N-1+T] compressed ids
+  (the N-1 ids before a chunk, then the chunk's T ids; one document) -> local rows np.int32 [B, T, H].
+
+  A handful of numpy calls whatever N and T (no shifted copies per order), which is what a one-token decode step
+  needs on its critical path.
+  """
+  x = np.asarray(window)
+  n = spec.max_ngram
+  if x.ndim != 2 or x.shape[1] < n:
+    raise ValueError(f"hash_window_np: window must be [B, N-1+T] with T >= 1 (N = {n}), got shape {x.shape}")
+  if x.size and (x.min() < 0 or x.max() >= spec.vocab_size):
+    raise ValueError(f"hash_window_np: compressed ids must lie in [0, {spec.vocab_size}), got range "
+                     f"[{x.min()}, {x.max()}]; map raw ids through the compression first")
+  mults, order, primes = _window_constants(spec)
+  t = x.shape[1] - (n - 1)
+  idx = np.arange(n - 1, n - 1 + t)[:, None] - np.arange(n)[None, :]  # [T, N]: positions of x_t, x_{t-1}, ...
+  mix = np.bitwise_xor.accumulate(x[:, idx].astype(mults.dtype) * mults, axis=-1)  # [B, T, N]: [n-1] = order n
+  return (mix[..., order] % primes).astype(np.int32)
 
 
 def _check_x64(spec: HashSpec) -> None:

@@ -190,6 +190,25 @@ def test_causality_and_history_chunks_equal_full_pass():
   np.testing.assert_array_equal(np.concatenate([np.asarray(o) for o in outs], axis=1), full)
 
 
+@pytest.mark.parametrize("hash_bits", [32, 64])
+@pytest.mark.parametrize("max_ngram, heads", [(2, 1), (3, 4), (4, 2)])
+def test_window_fast_path_equals_hash_with_history(hash_bits, max_ngram, heads):
+  spec = _spec(hash_bits=hash_bits, max_ngram=max_ngram, heads=heads, bases=(101, 211, 307)[:max_ngram - 1])
+  rng = np.random.default_rng(max_ngram * 10 + heads)
+  for t in (1, 2, 9):
+    hist = rng.integers(0, 500, (3, max_ngram - 1))
+    hist[0] = spec.pad_id  # a row at its sequence start
+    chunk = rng.integers(0, 500, (3, t))
+    want = hashing.hash_ngrams_np(chunk, None, spec, history=hist)
+    got = hashing.hash_window_np(np.concatenate([hist, chunk], axis=1), spec)
+    assert got.dtype == np.int32 and got.shape == (3, t, spec.num_heads)
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="window must be"):
+    hashing.hash_window_np(np.zeros((2, max_ngram - 1), np.int32), spec)
+  with pytest.raises(ValueError, match="compressed ids must lie"):
+    hashing.hash_window_np(np.full((2, max_ngram), 500), spec)
+
+
 # -- configuration errors ------------------------------------------------------------------------------------------
 
 

@@ -115,6 +115,15 @@ def test_second_invocation_skips_finished_runs(swept):
   assert again["summary"] == first["summary"]
 
 
+def test_config_differs_ignores_fields_added_later_but_not_changed_values():
+  saved = {"d_model": 64, "moe": {"num_experts": 8, "dispatch": "capacity"}}
+  now = {"d_model": 64, "moe": {"num_experts": 8, "dispatch": "capacity", "capacity_impl": "sorted"}}
+  assert not sa.config_differs(saved, now)  # a field the record lacks: an implementation choice added later
+  assert sa.config_differs({**saved, "d_model": 32}, now)
+  assert sa.config_differs({**saved, "moe": {"num_experts": 4, "dispatch": "capacity"}}, now)
+  assert sa.config_differs({**saved, "removed_field": 1}, now)  # a field the plan no longer has
+
+
 def test_changed_plan_refuses_stale_results(swept):
   """A finished run whose model config differs from the new plan is an error, not silently reused."""
   out, data_binding, _ = swept

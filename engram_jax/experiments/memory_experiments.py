@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from engram_jax import budget
-from engram_jax.experiments.sparsity_allocation import _default_train_fn, _jsonable, _write_json, routing_stats
+from engram_jax.experiments.sparsity_allocation import _default_train_fn, _jsonable, _write_json, config_differs
+from engram_jax.experiments.sparsity_allocation import routing_stats
 from engram_jax.experiments.sparsity_allocation import software_versions
 from engram_jax.experiments.sweep_report import _figure, _save, final_loss
 from engram_jax.models.config import ModelConfig
@@ -271,14 +272,6 @@ def readme(results: dict) -> str:
 # ------------------------------------------------------------------------------------------------ runner
 
 
-def _differs(saved, now) -> bool:
-  """Whether a finished run's model config differs from the planned one. Fields the saved record lacks are
-  implementation choices added later with math-preserving defaults (e.g. MoEConfig.capacity_impl): ignored."""
-  if isinstance(saved, dict) and isinstance(now, dict):
-    return any(k not in now or _differs(v, now[k]) for k, v in saved.items())
-  return saved != now
-
-
 def _finished_elsewhere(run_dir: str, model, cfg) -> dict | None:
   """The result of a run that a plain train command finished in `run_dir` with this point's model and run config
   (result.json complete at cfg.steps; run_record.json's configs equal the plan), else None. Its checkpoints are not
@@ -292,7 +285,8 @@ def _finished_elsewhere(run_dir: str, model, cfg) -> dict | None:
     return None
   if result.get("status") != "complete" or result.get("steps") != cfg.steps:
     return None
-  if _differs(record.get("model_config"), _jsonable(model)) or _differs(record.get("run_config"), _jsonable(cfg)):
+  if (config_differs(record.get("model_config"), _jsonable(model))
+      or config_differs(record.get("run_config"), _jsonable(cfg))):
     return None
   return result
 
@@ -315,7 +309,7 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
       if os.path.exists(path):
         with open(path) as f:
           done = json.load(f)
-        if _differs(done["model_config"], _jsonable(model)):
+        if config_differs(done["model_config"], _jsonable(model)):
           raise ValueError(f"{path} was trained with another model config than point {name!r} plans now; use a "
                            "new out_dir or delete that run")
         log(f"[{rname}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")

@@ -129,6 +129,14 @@ def _default_train_fn():
   return train.train_and_evaluate
 
 
+def config_differs(saved, now) -> bool:
+  """Whether a finished run's recorded config (JSON) differs from the planned one. Fields the record lacks are
+  implementation choices added later with math-preserving defaults (e.g. MoEConfig.capacity_impl): ignored."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return any(k not in now or config_differs(v, now[k]) for k, v in saved.items())
+  return saved != now
+
+
 def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | None = None,
               command: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Trains every (rho, seed) not yet finished under `out_dir`, then writes results.json and loss_vs_rho.png.
@@ -157,7 +165,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
         with open(path) as f:
           done = json.load(f)
         saved = {k: v for k, v in done["model_config"].items() if k != "engram_compression_path"}  # older key
-        if saved != model_json:
+        if config_differs(saved, model_json):
           raise ValueError(f"{path} was trained with a different model config than this sweep plans for rho="
                            f"{alloc.rho_target}; use a new out_dir or delete that run")
         log(f"[{name}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")
