@@ -9,7 +9,11 @@ size (one table shared by the variants, each keeping its own optimizer state, so
   adam_lazy        gradient w.r.t. the gathered rows, summed per unique row, LazyAdam on the touched rows;
   adagrad_rowwise  the same row gradients, row-wise Adagrad (one accumulator per row);
   sgd              the same row gradients, SGD on the touched rows;
-  no_table_update  the floor: forward + backward w.r.t. the rows and the dense weights' update, the table untouched.
+  no_table_update  the floor: forward + backward w.r.t. the rows and the dense weights' update, the table untouched;
+  host_adam_lazy   host-resident: the table and its LazyAdam moments are numpy arrays; per step the host gathers the
+                   rows, the device runs forward + backward w.r.t. them and sums the row gradients, and the host
+                   applies LazyAdam to the touched rows in place (engram_jax.host_optim). Serial here: training
+                   overlaps most of the host's update with the next step, so this is an upper bound on its cost.
 The dense weights always take AdamW. Before a variant's state is allocated the host's available memory is checked;
 a variant that would not fit is recorded as "not run: needs N GB". Reports per variant and size: median time, the
 median over rounds of its ratio to adam_dense and to the floor within a round, its time over the floor, its scaling
@@ -34,13 +38,14 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engram_jax import sparse_tables  # noqa: E402
+from engram_jax import host_optim, sparse_tables  # noqa: E402
 from engram_jax.layers.engram import engram_update  # noqa: E402
 
 B, S, H, DH, D, G = 8, 512, 16, 32, 256, 4
 E = H * DH
-VARIANTS = ("adam_dense", "adam_lazy", "adagrad_rowwise", "sgd", "no_table_update")
+VARIANTS = ("adam_dense", "adam_lazy", "adagrad_rowwise", "sgd", "no_table_update", "host_adam_lazy")
 SPARSE = ("adam_lazy", "adagrad_rowwise", "sgd")
+HOST = "host_adam_lazy"
 HP = dict(b1=0.9, b2=0.95, eps=1e-8)
 LR = 1e-3
 
@@ -95,9 +100,40 @@ def make_steps(num_rows: int):
   return {k: jax.jit(f, donate_argnums=(0, 1)) for k, f in fns.items()}
 
 
+def make_host_step(num_rows: int):
+  """host_adam_lazy: (state with the numpy table, batch, ids as numpy) -> loss; the table and moments change in
+  place."""
+  w_tx = optax.adamw(LR, **HP, weight_decay=0.1)
+
+  @jax.jit
+  def device(w, ow, rows, batch):  # rows [B, S, H, d] gathered on the host
+    ids, h, seg, target = batch
+    val, (gw, gr) = jax.value_and_grad(_loss, argnums=(0, 1))(w, rows, h, seg, target)
+    uw, ow = w_tx.update(gw, ow, w)
+    rg = sparse_tables.row_grads(ids, gr, seg > 0, num_rows)
+    return val, rg.ids[0], rg.grads[0], optax.apply_updates(w, uw), ow  # [U], [U, d] (fill id num_rows)
+
+  def step(state, batch, ids_np):
+    rows = np.take(state["table"], ids_np, axis=0)  # [B, S, H, d]
+    val, uids, sums, state["w"], state["ow"] = device(state["w"], state["ow"], rows, batch)
+    uids, sums = np.asarray(uids), np.asarray(sums)
+    touched = uids < num_rows
+    t = int(state["ot"]["count"]) + 1
+    scalars = host_optim.StepScalars(np.float32(-5 * LR), np.float32(1 - HP["b1"] ** t),
+                                     np.float32(1 - HP["b2"] ** t))
+    host_optim.apply("adam_lazy", state["table"], state["ot"], uids[touched], sums[touched], scalars, **HP)
+    host_optim.finish_step(state["ot"])
+    return val
+
+  return step
+
+
 def init_state(variant: str, table: jax.Array, w: dict) -> dict:
   """The variant's own state (the table itself is shared)."""
   ow = optax.adamw(LR, **HP, weight_decay=0.1).init(w)
+  if variant == HOST:  # its own table in host memory, with the shared table's values
+    table_np = np.array(table)
+    return {"w": w, "ow": ow, "table": table_np, "ot": host_optim.init_state("adam_lazy", table_np)}
   if variant == "adam_dense":
     return {"w": w, "ow": ow, "ot": jax.jit(optax.adam(5 * LR, **HP).init)(table)}
   if variant == "no_table_update":
@@ -108,6 +144,8 @@ def init_state(variant: str, table: jax.Array, w: dict) -> dict:
 def table_state_bytes(state: dict, num_rows: int) -> int:
   if "ot" not in state:
     return 0
+  if "table" in state:  # host-resident: numpy state
+    return sum(x.nbytes for x in state["ot"].values() if x.ndim and x.shape[0] == num_rows)
   return sum(x.nbytes for x in jax.tree.leaves(state["ot"]) if x.ndim and x.shape[0] == num_rows)
 
 
@@ -115,8 +153,10 @@ def needed_bytes(variant: str, num_rows: int) -> int:
   """Host memory a variant adds beside the shared table: its state, plus for adam_dense the dense gradient and
   Adam's update temporaries (~2 table-sized arrays)."""
   table = num_rows * DH * 4
-  state = num_rows * sparse_tables.state_bytes_per_row(variant, DH) if variant != "no_table_update" else 0
-  return state + (2 * table if variant == "adam_dense" else 0) + (1 << 30)  # + 1 GiB of activations / slack
+  kind = "adam_lazy" if variant == HOST else variant
+  state = num_rows * sparse_tables.state_bytes_per_row(kind, DH) if variant != "no_table_update" else 0
+  extra = 2 * table if variant == "adam_dense" else table if variant == HOST else 0  # HOST: its own table
+  return state + extra + (1 << 30)  # + 1 GiB of activations / slack
 
 
 def available_bytes() -> int:
@@ -138,6 +178,7 @@ def run_size(num_rows: int, reps: int, rng) -> dict:
   target = jnp.asarray(rng.normal(size=(B, S, G, D)), jnp.float32)
   batch = (ids, h, seg, target)
   fns = make_steps(num_rows)
+  host_step, ids_np = make_host_step(num_rows), np.asarray(ids)
   # one table for all variants (each step donates it and hands it on); its values do not change the timing
   table = jax.jit(lambda: jnp.full((num_rows, DH), 1e-2, jnp.float32))()  # no table-sized temporaries
   states, not_run = {}, {}
@@ -150,16 +191,22 @@ def run_size(num_rows: int, reps: int, rng) -> dict:
     states[v] = init_state(v, table, _weights(np.random.default_rng(1)))
   run = [v for v in VARIANTS if v in states]
   state_bytes = {v: table_state_bytes(states[v], num_rows) / num_rows for v in run}
+
+  def one_step(v):
+    nonlocal table
+    if v == HOST:
+      return jax.block_until_ready(host_step(states[v], batch, ids_np))
+    table, states[v], loss = fns[v](table, states[v], batch)
+    return jax.block_until_ready((table, loss))
+
   for v in run:  # compile + warm (a few steps: the optimizer state's pages get touched)
     for _ in range(3):
-      table, states[v], loss = fns[v](table, states[v], batch)
-    jax.block_until_ready(loss)
+      one_step(v)
   times = {v: [] for v in run}
   for _ in range(reps):  # interleaved: every variant once per round
     for v in run:
       t0 = time.perf_counter()
-      table, states[v], loss = fns[v](table, states[v], batch)
-      jax.block_until_ready((table, loss))
+      one_step(v)
       times[v].append(time.perf_counter() - t0)
   del states, table
   t = {v: np.asarray(x) for v, x in times.items()}
