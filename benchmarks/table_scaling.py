@@ -208,7 +208,8 @@ def run_size(num_rows: int, reps: int, rng) -> dict:
       t0 = time.perf_counter()
       one_step(v)
       times[v].append(time.perf_counter() - t0)
-  del states, table
+  states.clear()  # free the optimizer states and the table before the next size
+  table = None
   t = {v: np.asarray(x) for v, x in times.items()}
   floor = t["no_table_update"]
   out = {"rows": num_rows, "ms": {v: 1e3 * float(np.median(x)) for v, x in t.items()},
