@@ -115,6 +115,22 @@ def test_second_invocation_skips_finished_runs(swept):
   assert again["summary"] == first["summary"]
 
 
+def test_report_only_summarises_finished_runs_and_names_the_rest(swept):
+  out, data_binding, first = swept
+  sweep, run, _ = sa.load_gin([TOY], [data_binding, "SweepConfig.seeds = (0, 1)", "SweepConfig.report_only = True"])
+
+  def must_not_train(*args):
+    raise AssertionError(f"report_only trained {args[2]}")
+
+  report = sa.run_sweep(sweep, run, str(out), train_fn=must_not_train, log=lambda _: None)
+  assert report["not_finished"] == [sa.run_name(1.0, 1), sa.run_name(0.5, 1)]
+  assert report["summary"] == first["summary"]  # the seed-0 runs only
+  assert json.loads((out / "results.json").read_text())["not_finished"] == report["not_finished"]
+  sweep_none, _, _ = sa.load_gin([TOY], [data_binding, "SweepConfig.seeds = (7,)", "SweepConfig.report_only = True"])
+  with pytest.raises(ValueError, match="no finished run"):
+    sa.run_sweep(sweep_none, run, str(out), train_fn=must_not_train, log=lambda _: None)
+
+
 def test_config_differs_ignores_fields_added_later_but_not_changed_values():
   saved = {"d_model": 64, "moe": {"num_experts": 8, "dispatch": "capacity"}}
   now = {"d_model": 64, "moe": {"num_experts": 8, "dispatch": "capacity", "capacity_impl": "sorted"}}

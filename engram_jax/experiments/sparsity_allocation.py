@@ -50,6 +50,7 @@ class SweepConfig:
   offset: str = "dense_ffn"  # How P_act is kept equal (see engram_jax.budget).
   tolerance: float = 0.01  # Allowed relative miss of P_tot, P_act and FLOPs/token.
   train_flops: float | None = None  # Compute budget C (paper: 2e20, 6e20): the table reports C / (FLOPs/token) tokens.
+  report_only: bool = False  # Train nothing: summarise the finished runs (a partial report while runs are left).
 
   def __post_init__(self):
     if not self.rhos:
@@ -153,7 +154,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
   _write_json(os.path.join(out_dir, "plan.json"),
               {"sweep": sweep, "run": run, "table": table, "points": [a.as_dict() for a in allocs]})
 
-  runs = []
+  runs, missing = [], []
   t_sweep = time.time()
   for alloc in allocs:
     for seed in sweep.seeds:
@@ -171,6 +172,10 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
         log(f"[{name}] finished earlier: val loss {final_loss(done['train']):.4f} (skipped)")
         runs.append(done)
         continue
+      if sweep.report_only:
+        missing.append(name)
+        log(f"[{name}] not finished: left out of the report (report_only)")
+        continue
       os.makedirs(run_dir, exist_ok=True)
       run_cfg = dataclasses.replace(run, seed=seed) if hasattr(run, "seed") else run
       log(f"[{name}] training: E={alloc.budget.num_experts} Engram={alloc.budget.engram_table} "
@@ -187,17 +192,19 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
       runs.append(_jsonable(record))
       log(f"[{name}] val loss {final_loss(result):.4f} in {wall:.0f} s")
 
+  if not runs:
+    raise ValueError(f"{out_dir}: no finished run to report; run without SweepConfig.report_only first")
   summary = summarise(runs)
   analysis = analyse(summary, runs)
   results = {"command": command or " ".join([sys.executable] + sys.argv), "versions": software_versions(),
              "sweep": sweep, "run": run, "table": table, "summary": summary, "analysis": analysis, "runs": runs,
-             "sweep_wall_s_this_invocation": time.time() - t_sweep}
+             "not_finished": missing, "sweep_wall_s_this_invocation": time.time() - t_sweep}
   _write_json(os.path.join(out_dir, "results.json"), results)
   plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"), analysis=analysis)
   plot_curves(runs, os.path.join(out_dir, "val_curves.png"))
   log("rho    mean val loss   std      n\n" + "\n".join(
       f"{s['rho']:.3f}  {s['mean_val_loss']:.4f}        {s['std_val_loss']:.4f}   {s['n']}" for s in summary)
-      + "\n" + format_analysis(analysis))
+      + "\n" + format_analysis(analysis) + (f"\nnot finished (left out): {', '.join(missing)}" if missing else ""))
   return results
 
 
