@@ -62,6 +62,16 @@ def _loss(w, rows, h, seg, target):
   return jnp.sum(y * target) / (B * S)
 
 
+def _rows_step(w, ow, rows, batch):
+  """Forward + backward w.r.t. the gathered rows [B, S, H, d] and the dense weights' AdamW update:
+  (loss, row gradient [B, S, H, d], new weights, new AdamW state)."""
+  _, h, seg, target = batch
+  val, (gw, gr) = jax.value_and_grad(_loss, argnums=(0, 1))(w, rows, h, seg, target)
+  w_tx = optax.adamw(LR, **HP, weight_decay=0.1)
+  uw, ow = w_tx.update(gw, ow, w)
+  return val, gr, optax.apply_updates(w, uw), ow
+
+
 def make_steps(num_rows: int):
   """Jitted step per variant: (table, state, batch) -> (table, state, loss); table and state donated."""
   w_tx = optax.adamw(LR, **HP, weight_decay=0.1)
@@ -77,11 +87,8 @@ def make_steps(num_rows: int):
     return optax.apply_updates(table, ut), {"w": optax.apply_updates(state["w"], uw), "ow": ow, "ot": ot}, val
 
   def rows_grads(table, state, batch):
-    ids, h, seg, target = batch
-    rows = jnp.take(table, ids, axis=0)  # [B, S, H, d], forward only
-    val, (gw, gr) = jax.value_and_grad(_loss, argnums=(0, 1))(state["w"], rows, h, seg, target)
-    uw, ow = w_tx.update(gw, state["ow"], state["w"])
-    return val, gr, optax.apply_updates(state["w"], uw), ow
+    rows = jnp.take(table, batch[0], axis=0)  # [B, S, H, d], forward only
+    return _rows_step(state["w"], state["ow"], rows, batch)
 
   def sparse(kind):
     def step(table, state, batch):
@@ -103,15 +110,11 @@ def make_steps(num_rows: int):
 def make_host_step(num_rows: int):
   """host_adam_lazy: (state with the numpy table, batch, ids as numpy) -> loss; the table and moments change in
   place."""
-  w_tx = optax.adamw(LR, **HP, weight_decay=0.1)
-
   @jax.jit
   def device(w, ow, rows, batch):  # rows [B, S, H, d] gathered on the host
-    ids, h, seg, target = batch
-    val, (gw, gr) = jax.value_and_grad(_loss, argnums=(0, 1))(w, rows, h, seg, target)
-    uw, ow = w_tx.update(gw, ow, w)
-    rg = sparse_tables.row_grads(ids, gr, seg > 0, num_rows)
-    return val, rg.ids[0], rg.grads[0], optax.apply_updates(w, uw), ow  # [U], [U, d] (fill id num_rows)
+    val, gr, w, ow = _rows_step(w, ow, rows, batch)
+    rg = sparse_tables.row_grads(batch[0], gr, batch[2] > 0, num_rows)
+    return val, rg.ids[0], rg.grads[0], w, ow  # [U], [U, d] (fill id num_rows)
 
   def step(state, batch, ids_np):
     rows = np.take(state["table"], ids_np, axis=0)  # [B, S, H, d]

@@ -120,8 +120,7 @@ class HostHasher:
 
   def next_history(self, history: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """The history after feeding tokens [B, T] (with the same mask): [B, N-1]."""
-    full = np.concatenate([history, self.compress(tokens, mask)], axis=1)
-    return np.ascontiguousarray(full[:, full.shape[1] - self.history_len:])
+    return self.advance(tokens, history, mask)[1]
 
 
 def _bucket(n: int) -> int:
