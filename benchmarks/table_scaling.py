@@ -62,19 +62,20 @@ def _loss(w, rows, h, seg, target):
   return jnp.sum(y * target) / (B * S)
 
 
+_W_TX = optax.adamw(LR, **HP, weight_decay=0.1)  # the dense weights' optimizer in every variant
+
+
 def _rows_step(w, ow, rows, batch):
   """Forward + backward w.r.t. the gathered rows [B, S, H, d] and the dense weights' AdamW update:
   (loss, row gradient [B, S, H, d], new weights, new AdamW state)."""
   _, h, seg, target = batch
   val, (gw, gr) = jax.value_and_grad(_loss, argnums=(0, 1))(w, rows, h, seg, target)
-  w_tx = optax.adamw(LR, **HP, weight_decay=0.1)
-  uw, ow = w_tx.update(gw, ow, w)
+  uw, ow = _W_TX.update(gw, ow, w)
   return val, gr, optax.apply_updates(w, uw), ow
 
 
 def make_steps(num_rows: int):
   """Jitted step per variant: (table, state, batch) -> (table, state, loss); table and state donated."""
-  w_tx = optax.adamw(LR, **HP, weight_decay=0.1)
   t_tx = optax.adam(5 * LR, **HP)
 
   def dense(table, state, batch):
@@ -82,7 +83,7 @@ def make_steps(num_rows: int):
     def loss(w, table):
       return _loss(w, jnp.take(table, ids, axis=0), h, seg, target)
     val, (gw, gt) = jax.value_and_grad(loss, argnums=(0, 1))(state["w"], table)
-    uw, ow = w_tx.update(gw, state["ow"], state["w"])
+    uw, ow = _W_TX.update(gw, state["ow"], state["w"])
     ut, ot = t_tx.update(gt, state["ot"], table)
     return optax.apply_updates(table, ut), {"w": optax.apply_updates(state["w"], uw), "ow": ow, "ot": ot}, val
 

@@ -114,13 +114,18 @@ class HostHasher:
               ) -> tuple[np.ndarray, np.ndarray]:
     """Decode: tokens [B, T] after history [B, N-1] -> (rows of the flat table int32 [B, T, H], the history after
     the chunk [B, N-1]); one compression and one windowed hash (hashing.hash_window_np)."""
-    window = np.concatenate([history, self.compress(tokens, mask)], axis=1)  # [B, N-1+T]
-    rows = hashing.hash_window_np(window, self.spec) + self.offsets
-    return rows, np.ascontiguousarray(window[:, window.shape[1] - self.history_len:])
+    window = self._window(tokens, history, mask)
+    return hashing.hash_window_np(window, self.spec) + self.offsets, self._tail(window)
 
   def next_history(self, history: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """The history after feeding tokens [B, T] (with the same mask): [B, N-1]."""
-    return self.advance(tokens, history, mask)[1]
+    """The history after feeding tokens [B, T] (with the same mask): [B, N-1]; no hashing."""
+    return self._tail(self._window(tokens, history, mask))
+
+  def _window(self, tokens: np.ndarray, history: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    return np.concatenate([history, self.compress(tokens, mask)], axis=1)  # [B, N-1+T] compressed ids
+
+  def _tail(self, window: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(window[:, window.shape[1] - self.history_len:])  # [B, N-1]
 
 
 def _bucket(n: int) -> int:
