@@ -35,6 +35,7 @@ from engram_jax import budget
 from engram_jax.experiments.sparsity_allocation import _default_train_fn, _jsonable, _write_json, config_differs
 from engram_jax.experiments.sparsity_allocation import routing_stats
 from engram_jax.experiments.sparsity_allocation import software_versions
+from engram_jax.experiments import token_budgets
 from engram_jax.experiments.sweep_report import _figure, _save, final_loss
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.memory_variants import VARIANTS, memory_model
@@ -89,6 +90,9 @@ class ExperimentConfig:
   engram_layers: tuple[int, ...] = (1,)  # 'infinite_memory': where the 'engram' variant sits.
   table_optimizers: tuple[str, ...] = ("adam_dense", "adam_lazy", "adagrad_rowwise")  # 'table_optimizer' points.
   report_only: bool = False  # Train nothing: summarise the finished runs (a partial report while runs are left).
+  # Smaller token budgets, in steps, reported beside the full length: WSD cooldown branches from each run
+  # (engram_jax.experiments.token_budgets), each costing its cooldown's steps only.
+  budgets: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -105,6 +109,8 @@ class ExperimentConfig:
     if self.kind == "table_optimizer" and (bad or "adam_dense" not in self.table_optimizers):
       raise ValueError(f"ExperimentConfig.table_optimizers={self.table_optimizers}: unknown {bad}; choose from "
                        f"{TABLE_OPTIMIZERS} and include 'adam_dense' (the reference)")
+    if any(not isinstance(b, int) or b < 1 for b in self.budgets):
+      raise ValueError(f"ExperimentConfig.budgets={self.budgets}: give step counts (positive ints)")
     if self.kind == "infinite_memory":
       if len(self.slots) < 2 or any(s < 1 for s in self.slots):
         raise ValueError(f"ExperimentConfig.slots={self.slots}: give at least two positive slot counts")
@@ -163,6 +169,28 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
     p["gap_in_seed_std"] = gap / pooled if pooled else None
     p["gap_z"] = gap / (pooled * math.sqrt(1 / p["n"] + 1 / ref["n"])) if pooled else None
   return {"reference": reference, "pooled_seed_std": pooled, "pooled_dof": dof, "points": points}
+
+
+def summarise_with_params(runs: Sequence[dict], reference: str) -> dict:
+  """summarise, with each point's parameter count as one number (its total) for the tables."""
+  summary = summarise(runs, reference)
+  for p in summary["points"].values():
+    p["params"] = p["params"]["total"] if p["params"] else None
+  return summary
+
+
+def by_budget(runs: Sequence[dict], budgets: Sequence[int], steps: int, tokens_per_step: int, reference: str,
+              kind: str) -> dict:
+  """{steps: {tokens, summary, fits}} at every budget and the full length; a budget's summary covers the runs
+  that have that branch (records trained before the budget was asked for have none)."""
+  out = {}
+  for t in sorted(budgets) + [steps]:
+    at = runs if t == steps else [dict(r, train=r["budgets"][str(t)]) for r in runs
+                                  if str(t) in (r.get("budgets") or {})]
+    if at:
+      out[str(t)] = {"tokens": t * tokens_per_step, "n_runs": len(at), "summary": summarise_with_params(at, reference),
+                     "fits": fits(at) if kind == "infinite_memory" else {}}
+  return out
 
 
 def loglinear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict | None:
@@ -232,6 +260,48 @@ def plot(summary: dict, fit: dict, kind: str, path: str) -> None:
   _save(fig, path)
 
 
+def plot_budgets(budgets: dict, path: str) -> None:
+  """Each point's gap to the reference against tokens trained (one line per point, log x)."""
+  fig, axes = _figure(1)
+  ax = axes[0, 0]
+  names = dict.fromkeys(n for b in budgets.values() for n, p in b["summary"]["points"].items() if "gap" in p)
+  for i, name in enumerate(names):
+    pts = [(b["tokens"], b["summary"]["points"][name]["gap"]) for b in budgets.values()
+           if "gap" in b["summary"]["points"].get(name, {})]
+    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=f"C{i % 10}", label=name)
+  reference = next(iter(budgets.values()))["summary"]["reference"]
+  ax.axhline(0.0, color="black", lw=0.8)
+  ax.set_xscale("log")
+  ax.set_xlabel("tokens trained (WSD cooldown branches; the last is the full run)")
+  ax.set_ylabel(f"validation loss - {reference} (mean over seeds)")
+  ax.set_title("Gaps at each token budget")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  _save(fig, path)
+
+
+def _budget_lines(budgets: dict) -> list[str]:
+  """README section: every point's mean loss and gap at each budget, and the fits' slopes for infinite memory."""
+  cols = list(budgets)
+  ref = next(iter(budgets.values()))["summary"]["reference"]
+  lines = ["", "Token budgets (WSD cooldown branches from each run; mean val loss, gap to "
+           f"{ref} in brackets):", "",
+           "| point | " + " | ".join(f"{budgets[c]['tokens'] / 1e6:.2f}M tokens ({c} steps)" for c in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+  names = dict.fromkeys(n for b in budgets.values() for n in b["summary"]["points"])
+  for name in names:
+    cells = []
+    for c in cols:
+      p = budgets[c]["summary"]["points"].get(name)
+      cells.append("" if p is None else f"{p['mean_val_loss']:.4f}" + (f" ({p['gap']:+.4f})" if "gap" in p else ""))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  variants = dict.fromkeys(v for b in budgets.values() for v in b["fits"])
+  for v in variants:
+    cells = [f"{f['slope_per_doubling']:+.4f}" if (f := budgets[c]["fits"].get(v)) else "" for c in cols]
+    lines.append(f"| {v}: slope per doubling of slots | " + " | ".join(cells) + " |")
+  return lines
+
+
 def readme(results: dict) -> str:
   """README.md: command, versions, wall time, the table, the fits and a mechanical reading."""
   s = results["summary"]
@@ -258,6 +328,8 @@ def readme(results: dict) -> str:
         se = "" if f["slope_se"] is None else f"{f['slope_se']:.4f}"
         r2 = "" if f["r2"] is None else f"{f['r2']:.3f}"
         lines.append(f"| {v} | {f['slope_per_doubling']:+.4f} | {se} | {r2} | {f['n']} |")
+  if len(results.get("by_budget") or {}) > 1:
+    lines += _budget_lines(results["by_budget"])
   if results.get("not_finished"):
     lines += ["", f"Not finished (left out of this report): {', '.join(results['not_finished'])}."]
   lines += ["", "Mechanical reading (|gap| < 2 seed std is called inconclusive):", ""]
@@ -295,6 +367,7 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
                    command: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Trains every (point, seed) not finished under `out_dir`, then writes results.json, the PNG and README.md."""
   train_fn = train_fn or _default_train_fn()
+  budgets = token_budgets.check_budgets(exp.budgets, run)  # before anything is written or compiled
   os.makedirs(out_dir, exist_ok=True)
   points = plan(exp, run)
   seq_len = run.seq_len
@@ -324,8 +397,11 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
       log(f"[{rname}] training: P_tot={b.total} P_act={b.active} table={b.engram_table}")
       t0 = time.time()
       result = _finished_elsewhere(run_dir, model, cfg)
+      branches = {}
       if result is not None:  # trained to the end by a train command into this directory: adopted, not reopened
         log(f"[{rname}] finished by an earlier train command: adopted")
+      elif budgets:
+        result, branches = token_budgets.train_with_budgets(train_fn, model, cfg, run_dir, budgets, log)
       else:
         result = train_fn(model, cfg, run_dir)
       slots = budget.engram_table_rows(model) if model.engram_layers else 0
@@ -333,24 +409,26 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
                 "variant": name.rsplit("_slots", 1)[0] if exp.kind == "infinite_memory" and slots else None,
                 "params": {"total": b.total, "active": b.active, "engram_table": b.engram_table},
                 "model_config": _jsonable(model), "run_config": _jsonable(cfg), "routing": routing_stats(run_dir),
-                "train": _jsonable(result)}
+                "train": _jsonable(result), "budgets": {str(t): _jsonable(r) for t, r in branches.items()}}
       _write_json(path, record)
       runs.append(json.loads(json.dumps(_jsonable(record))))
       log(f"[{rname}] val loss {final_loss(result):.4f} in {record['wall_s']:.0f} s")
   if not runs:
     raise ValueError(f"{out_dir}: no finished run to report; run without ExperimentConfig.report_only first")
-  summary = summarise(runs, reference_name(exp))
-  for p in summary["points"].values():  # one number for the table
-    p["params"] = p["params"]["total"] if p["params"] else None
+  summary = summarise_with_params(runs, reference_name(exp))
   fit = fits(runs) if exp.kind == "infinite_memory" else {}
+  tokens_per_step = run.batch_size * run.seq_len
+  budget_results = by_budget(runs, budgets, run.steps, tokens_per_step, reference_name(exp), exp.kind)
   results = {"experiment": exp, "command": command or " ".join([sys.executable] + sys.argv),
              "versions": software_versions(), "run": run, "summary": summary, "fits": fit, "runs": runs,
              "train_wall_s": sum(r["wall_s"] for r in runs), "not_finished": missing,
-             "tokens_per_run": (run.stop_after or run.steps) * run.batch_size * run.seq_len}
+             "tokens_per_run": (run.stop_after or run.steps) * tokens_per_step, "by_budget": budget_results}
   results = json.loads(json.dumps(_jsonable(results)))
   _write_json(os.path.join(out_dir, "results.json"), results)
   png = {"ablation": "ablation.png", "table_optimizer": "table_optimizers.png"}.get(exp.kind, "loss_vs_slots.png")
   plot(summary, fit, exp.kind, os.path.join(out_dir, png))
+  if len(budget_results) > 1:
+    plot_budgets(budget_results, os.path.join(out_dir, "gaps_by_budget.png"))
   from engram_jax import fileio  # noqa: PLC0415
   fileio.atomic_write(os.path.join(out_dir, "README.md"), readme(results))
   log(readme(results))
