@@ -112,6 +112,22 @@ def test_experiment_reports_every_budget(tmp_path):
   assert not (tmp_path / "cosine").exists()
 
 
+def test_sparsity_sweep_analyses_every_budget(tmp_path):
+  """The allocation runner with budgets: each record holds its branch, and by_budget carries the sweep's analysis
+  (means per rho, gaps to rho = 1) at every budget."""
+  from engram_jax.experiments import sparsity_allocation as sa
+  sweep, run, _ = sa.load_gin(["configs/experiments/sparsity_allocation_toy.gin"])
+  sweep = dataclasses.replace(sweep, rhos=(1.0, 0.5), seeds=(0,), budgets=(20,))
+  run = dataclasses.replace(run, steps=40, optimizer=WSD)
+  res = sa.run_sweep(sweep, run, str(tmp_path), train_fn=FakeTrainer(), command="test", log=lambda s: None)
+  b20 = res["by_budget"]["20"]
+  assert b20["tokens"] == 20 * run.batch_size * run.seq_len
+  assert [s["mean_val_loss"] for s in b20["summary"]] == pytest.approx([10.3, 10.3])  # rho 1.0, 0.5
+  assert b20["analysis"]["gaps"][0]["gap"] == pytest.approx(0.0)
+  assert [r["budgets"]["20"]["steps"] for r in res["runs"]] == [20, 20]
+  assert [s["mean_val_loss"] for s in res["summary"]] == pytest.approx([9.6, 9.6])  # the full 40-step runs
+
+
 @pytest.mark.slow  # five tiny training runs: ~1-2 min on 2 free cores
 def test_branches_equal_straight_runs_to_each_budget(corpus, tmp_path):
   def cfg(steps):

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from engram_jax import budget
+from engram_jax.experiments import token_budgets
 from engram_jax.experiments.sweep_report import analyse, final_loss, format_analysis, plot_curves, plot_sweep, summarise
 from engram_jax.layers.engram_config import EngramConfig
 from engram_jax.models.config import ModelConfig
@@ -51,6 +52,9 @@ class SweepConfig:
   tolerance: float = 0.01  # Allowed relative miss of P_tot, P_act and FLOPs/token.
   train_flops: float | None = None  # Compute budget C (paper: 2e20, 6e20): the table reports C / (FLOPs/token) tokens.
   report_only: bool = False  # Train nothing: summarise the finished runs (a partial report while runs are left).
+  # Smaller token budgets, in steps, analysed beside the full length: WSD cooldown branches from each run
+  # (engram_jax.experiments.token_budgets), each costing its cooldown's steps only.
+  budgets: tuple[int, ...] = ()
 
   def __post_init__(self):
     if not self.rhos:
@@ -146,6 +150,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
   `train_fn(model_config, run_config, model_dir) -> dict` defaults to engram_jax.train.train_and_evaluate.
   """
   train_fn = train_fn or _default_train_fn()
+  budgets = token_budgets.check_budgets(sweep.budgets, run)  # before anything is written or compiled
   seq_len = getattr(run, "seq_len", None) or sweep.seq_len
   os.makedirs(out_dir, exist_ok=True)
   allocs = plan_sweep(sweep, seq_len)
@@ -181,13 +186,18 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
       log(f"[{name}] training: E={alloc.budget.num_experts} Engram={alloc.budget.engram_table} "
           f"P_tot={alloc.budget.total} P_act={alloc.budget.active}")
       t0 = time.time()
-      result = train_fn(alloc.config, run_cfg, run_dir)
+      branches = {}
+      if budgets:
+        result, branches = token_budgets.train_with_budgets(train_fn, alloc.config, run_cfg, run_dir, budgets, log)
+      else:
+        result = train_fn(alloc.config, run_cfg, run_dir)
       wall = time.time() - t0
       tokens = run_tokens(run_cfg)
       record = {"name": name, "rho": alloc.rho_target, "seed": seed, "wall_s": wall,
                 "tokens": tokens, "train_flops": alloc.budget.flops_per_token * tokens if tokens else None,
                 "budget": alloc.as_dict(), "model_config": model_json, "run_config": run_cfg,
-                "routing": routing_stats(run_dir), "train": result}
+                "routing": routing_stats(run_dir), "train": result,
+                "budgets": {str(t): r for t, r in branches.items()}}
       _write_json(path, record)
       runs.append(_jsonable(record))
       log(f"[{name}] val loss {final_loss(result):.4f} in {wall:.0f} s")
@@ -196,15 +206,25 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
     raise ValueError(f"{out_dir}: no finished run to report; run without SweepConfig.report_only first")
   summary = summarise(runs)
   analysis = analyse(summary, runs)
+  by_budget = {}
+  for t in budgets:  # the same analysis over each budget's branches (runs trained before it was asked for: none)
+    at = [dict(r, train=r["budgets"][str(t)]) for r in runs if str(t) in (r.get("budgets") or {})]
+    if at:
+      s = summarise(at)
+      by_budget[str(t)] = {"tokens": t * run.batch_size * run.seq_len, "summary": s, "analysis": analyse(s, at)}
   results = {"command": command or " ".join([sys.executable] + sys.argv), "versions": software_versions(),
              "sweep": sweep, "run": run, "table": table, "summary": summary, "analysis": analysis, "runs": runs,
-             "not_finished": missing, "sweep_wall_s_this_invocation": time.time() - t_sweep}
+             "by_budget": by_budget, "not_finished": missing,
+             "sweep_wall_s_this_invocation": time.time() - t_sweep}
   _write_json(os.path.join(out_dir, "results.json"), results)
   plot_sweep(summary, os.path.join(out_dir, "loss_vs_rho.png"), analysis=analysis)
   plot_curves(runs, os.path.join(out_dir, "val_curves.png"))
   log("rho    mean val loss   std      n\n" + "\n".join(
       f"{s['rho']:.3f}  {s['mean_val_loss']:.4f}        {s['std_val_loss']:.4f}   {s['n']}" for s in summary)
       + "\n" + format_analysis(analysis) + (f"\nnot finished (left out): {', '.join(missing)}" if missing else ""))
+  for t, b in by_budget.items():
+    log(f"at the {t}-step budget ({b['tokens']} tokens): " + ", ".join(
+        f"rho {s['rho']:.3f} {s['mean_val_loss']:.4f}" for s in b["summary"]) + "\n" + format_analysis(b["analysis"]))
   return results
 
 
