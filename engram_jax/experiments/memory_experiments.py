@@ -19,6 +19,9 @@ see the same batches) into `<out_dir>/<point>_seed<s>/`; a finished one leaves `
 next time, an interrupted one resumes from its own checkpoint. Written after every invocation: `results.json`
 (per point mean / std over seeds, pooled seed std, gaps to the reference point paired by seed, fits, command,
 versions, wall time), a PNG and README.md (tables and a mechanical reading; add the interpretation by hand).
+With `budgets` (steps, WSD schedule) every run also yields results at those smaller token budgets
+(engram_jax.experiments.token_budgets); they are reported per budget beside the full length (`by_budget`,
+gaps_by_budget.png).
 """
 
 from __future__ import annotations
