@@ -155,8 +155,14 @@ def test_table_optimizer_plan_changes_only_the_table_optimizer_and_writes_result
   assert pts["adagrad_rowwise"]["gap_in_seed_std"] == pytest.approx(0.16 / math.sqrt(0.02 ** 2 / 2))
   assert (tmp_path / "table_optimizers.png").stat().st_size > 0
   trained.clear()
+  readme_path = tmp_path / "README.md"
+  hand = "## Reading (by hand, today)\n\nadam_lazy ties adam_dense.\n"
+  readme_path.write_text(readme_path.read_text() + "\n" + hand)
   me.run_experiment(exp, run, str(tmp_path), train_fn=fake_train, command="test", log=lambda s: None)
   assert trained == []
+  text = readme_path.read_text()
+  assert text.endswith(hand) and text.count("## Reading (by hand") == 1  # a rerun keeps a person's reading
+  assert text.startswith("# table_optimizer: results")
   # a record written before a field existed (a later implementation choice) still counts as finished
   rec = json.loads((tmp_path / "adam_lazy_seed0" / "point_result.json").read_text())
   del rec["model_config"]["moe"]["capacity_impl"]

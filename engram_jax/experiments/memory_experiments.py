@@ -305,6 +305,20 @@ def _budget_lines(budgets: dict) -> list[str]:
   return lines
 
 
+HAND_READING = "## Reading (by hand"  # README.md from this line on is a person's; a rerun keeps it
+
+
+def keep_hand_reading(path: str, text: str) -> str:
+  """`text` (the regenerated README) followed by the hand-written reading of the README already at `path`."""
+  try:
+    with open(path) as f:
+      old = f.read()
+  except OSError:
+    return text
+  i = old.find(HAND_READING)
+  return text if i < 0 else text.rstrip("\n") + "\n\n" + old[i:]
+
+
 def readme(results: dict) -> str:
   """README.md: command, versions, wall time, the table, the fits and a mechanical reading."""
   s = results["summary"]
@@ -433,7 +447,8 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
   if len(budget_results) > 1:
     plot_budgets(budget_results, os.path.join(out_dir, "gaps_by_budget.png"))
   from engram_jax import fileio  # noqa: PLC0415
-  fileio.atomic_write(os.path.join(out_dir, "README.md"), readme(results))
+  path = os.path.join(out_dir, "README.md")
+  fileio.atomic_write(path, keep_hand_reading(path, readme(results)))
   log(readme(results))
   return results
 
