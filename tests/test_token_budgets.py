@@ -143,3 +143,13 @@ def test_branches_equal_straight_runs_to_each_budget(corpus, tmp_path):
     for step, loss in got["train_curve"]:
       assert loss == want_curve[step], (steps, step)  # step for step, bit for bit
     assert got["final_val_loss"] == want["final_val_loss"] and got["steps"] == steps
+
+
+@pytest.mark.parametrize("gin_file,kind", [("ablation_cpu", "experiment"), ("infinite_memory_cpu", "experiment"),
+                                           ("infinite_memory_cpu_4m", "experiment"), ("wsd_validation_cpu", "sweep")])
+def test_committed_budgets_fit_their_runs(gin_file, kind):
+  """Every committed experiment with budgets passes the runner's check (a bad one would fail only after launch)."""
+  from engram_jax import cli, configurables
+  entry, name = (cli.EXPERIMENT, "experiment") if kind == "experiment" else (cli.SWEEP, "sparsity_allocation")
+  exp, run, _ = configurables.resolve(name, [f"configs/experiments/{gin_file}.gin"], entry=entry)
+  assert exp.budgets and tb.check_budgets(exp.budgets, run) == tuple(sorted(exp.budgets))
