@@ -188,8 +188,7 @@ def by_budget(runs: Sequence[dict], budgets: Sequence[int], steps: int, tokens_p
   that have that branch (records trained before the budget was asked for have none)."""
   out = {}
   for t in sorted(budgets) + [steps]:
-    at = runs if t == steps else [dict(r, train=r["budgets"][str(t)]) for r in runs
-                                  if str(t) in (r.get("budgets") or {})]
+    at = runs if t == steps else token_budgets.runs_at(runs, t)
     if at:
       out[str(t)] = {"tokens": t * tokens_per_step, "n_runs": len(at), "summary": summarise_with_params(at, reference),
                      "fits": fits(at) if kind == "infinite_memory" else {}}
@@ -256,18 +255,14 @@ def plot(summary: dict, fit: dict, kind: str, path: str) -> None:
       ax.axhspan(moe["mean_val_loss"] - moe["std_val_loss"], moe["mean_val_loss"] + moe["std_val_loss"],
                  color="gray", alpha=0.2)
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(plt_null_formatter())  # minor-tick labels overlap on a log axis
+    from matplotlib.ticker import NullFormatter  # noqa: PLC0415 - matplotlib loads only when plotting
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on a log axis
     ax.set_xlabel("table slots (rows, all layers and heads)")
     ax.set_ylabel("final validation loss")
     ax.set_title("Infinite memory: loss vs slots at fixed backbone")
     ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   _save(fig, path)
-
-
-def plt_null_formatter():
-  from matplotlib.ticker import NullFormatter  # noqa: PLC0415 - matplotlib loads only when plotting
-  return NullFormatter()
 
 
 def plot_budgets(budgets: dict, path: str) -> None:

@@ -208,7 +208,7 @@ def run_sweep(sweep: SweepConfig, run, out_dir: str, *, train_fn: Callable | Non
   analysis = analyse(summary, runs)
   by_budget = {}
   for t in budgets:  # the same analysis over each budget's branches (runs trained before it was asked for: none)
-    at = [dict(r, train=r["budgets"][str(t)]) for r in runs if str(t) in (r.get("budgets") or {})]
+    at = token_budgets.runs_at(runs, t)
     if at:
       s = summarise(at)
       by_budget[str(t)] = {"tokens": t * run.batch_size * run.seq_len, "summary": s, "analysis": analyse(s, at)}

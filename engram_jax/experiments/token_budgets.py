@@ -85,3 +85,8 @@ def train_with_budgets(train_fn: Callable, model, run, run_dir: str, budgets: Se
     log(f"[{os.path.basename(run_dir)}] budget {t} steps: cooldown branch {k} -> {t}")
     results[t] = train_fn(model, dataclasses.replace(run, steps=t, init_from=run_dir, init_step=k), target)
   return train_fn(model, run, run_dir), results
+
+
+def runs_at(runs: Sequence[dict], budget: int) -> list[dict]:
+  """Run records with `train` replaced by their `budget`-step branch; records without that branch are left out."""
+  return [dict(r, train=r["budgets"][str(budget)]) for r in runs if str(budget) in (r.get("budgets") or {})]
