@@ -145,11 +145,34 @@ def test_branches_equal_straight_runs_to_each_budget(corpus, tmp_path):
     assert got["final_val_loss"] == want["final_val_loss"] and got["steps"] == steps
 
 
-@pytest.mark.parametrize("gin_file,kind", [("ablation_cpu", "experiment"), ("infinite_memory_cpu", "experiment"),
-                                           ("infinite_memory_cpu_4m", "experiment"), ("wsd_validation_cpu", "sweep")])
-def test_committed_budgets_fit_their_runs(gin_file, kind):
-  """Every committed experiment with budgets passes the runner's check (a bad one would fail only after launch)."""
+def _smoke_bindings(gin_file: str) -> list[str]:
+  """The `--gin.NAME=VALUE` overrides of a gin file's 'Smoke mode' header lines, shell quoting removed."""
+  import shlex
+  header = []
+  for line in open(gin_file):
+    if not line.startswith("#"):
+      break
+    header.append(line[1:].strip())
+  text = " ".join(header)
+  assert "Smoke mode" in text, f"{gin_file}: its header names no smoke mode"
+  words = shlex.split(text[text.index("Smoke mode"):])
+  return [w[len("--gin."):] for w in words if w.startswith("--gin.")]
+
+
+BUDGETED = [("ablation_cpu", "experiment"), ("ablation_cpu_4m", "experiment"), ("infinite_memory_cpu", "experiment"),
+            ("infinite_memory_cpu_4m", "experiment"), ("wsd_validation_cpu", "sweep")]
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["as_committed", "smoke_mode"])
+@pytest.mark.parametrize("gin_file,kind", BUDGETED)
+def test_committed_budgets_fit_their_runs(gin_file, kind, smoke):
+  """Every committed experiment with budgets passes the runner's check, as committed and with its header's smoke-mode
+  overrides (a bad one would fail only after launch)."""
   from engram_jax import cli, configurables
   entry, name = (cli.EXPERIMENT, "experiment") if kind == "experiment" else (cli.SWEEP, "sparsity_allocation")
-  exp, run, _ = configurables.resolve(name, [f"configs/experiments/{gin_file}.gin"], entry=entry)
+  path = f"configs/experiments/{gin_file}.gin"
+  bindings = _smoke_bindings(path) if smoke else []
+  exp, run, _ = configurables.resolve(name, [path], bindings, entry=entry)
   assert exp.budgets and tb.check_budgets(exp.budgets, run) == tuple(sorted(exp.budgets))
+  if smoke:
+    assert run.steps == 20
