@@ -58,6 +58,10 @@ def test_ablation_and_infinite_memory_runs_end_to_end_and_resume(corpus, tmp_pat
   assert list(res["summary"]["points"]) == ["moe_only", "engram_slots200", "engram_slots800",
                                             "overencoding_slots200", "overencoding_slots800"]
   assert set(res["fits"]) == {"engram", "overencoding"} and (out2 / "loss_vs_slots.png").is_file()
+  e_loss = {(r["variant"], r["point"].rsplit("slots", 1)[1]): r["train"]["final_val_loss"] for r in res["runs"]}
+  assert res["contrasts"]["overencoding"]["per_slots"]["800"]["gap"] == pytest.approx(
+      e_loss[("overencoding", "800")] - e_loss[("engram", "800")])
+  assert "At equal slots (variant - engram" in (out2 / "README.md").read_text()
   for r in res["runs"]:
     if r["variant"]:
       assert r["slots"] >= int(r["point"].rsplit("slots", 1)[1])  # primes round each head up
@@ -91,6 +95,32 @@ def test_loglinear_fit_matches_numpy_polyfit():
   resid = y - (intercept + slope * np.log(x))
   se = math.sqrt(np.sum(resid ** 2) / (x.size - 2) / np.sum((np.log(x) - np.log(x).mean()) ** 2))
   assert f["slope_se"] == pytest.approx(se) and f["slope_per_doubling"] == pytest.approx(slope * math.log(2))
+
+
+def test_variant_contrasts_pair_equal_slots_and_seeds():
+  """OverEncoding minus Engram at each slot count, paired by seed; a slot count only one variant has is left out;
+  the slope difference's se combines the two fits' (per doubling)."""
+  def run(variant, slots, seed, loss):
+    return {"point": f"{variant}_slots{slots}" if variant else "moe_only", "variant": variant, "slots": slots + 7,
+            "seed": seed, "train": {"final_val_loss": loss}}  # built tables round each head up to a prime
+
+  runs = [run("engram", 100, 0, 4.0), run("engram", 100, 1, 4.1), run("engram", 400, 0, 3.9),
+          run("engram", 1600, 0, 3.8), run("overencoding", 100, 0, 4.05), run("overencoding", 100, 1, 4.12),
+          run("overencoding", 400, 0, 3.97), run("overencoding", 800, 0, 3.9), run(None, 0, 0, 4.3)]
+  fit = me.fits(runs)
+  c = me.variant_contrasts(runs, fit)
+  assert list(c) == ["overencoding"]
+  oe = c["overencoding"]
+  assert oe["per_slots"]["100"]["paired"] == pytest.approx([0.05, 0.02])
+  assert oe["per_slots"]["100"]["gap"] == pytest.approx(0.035) and oe["per_slots"]["400"]["gap"] == pytest.approx(0.07)
+  assert "800" not in oe["per_slots"] and "1600" not in oe["per_slots"]
+  assert oe["mean_gap"] == pytest.approx((0.035 + 0.07) / 2) and oe["n_slot_counts"] == 2
+  d = fit["overencoding"]["slope_per_doubling"] - fit["engram"]["slope_per_doubling"]
+  assert oe["slope_per_doubling_diff"] == pytest.approx(d)
+  se = math.log(2) * math.sqrt(fit["overencoding"]["slope_se"] ** 2 + fit["engram"]["slope_se"] ** 2)
+  assert oe["slope_per_doubling_diff_se"] == pytest.approx(se)
+  lines = me._contrast_lines(c, pooled=0.01)
+  assert any(line.startswith("| overencoding | +0.0350 | +0.0700 | +0.0525 (+5.") for line in lines)
 
 
 def test_bad_experiment_configs_name_the_field():

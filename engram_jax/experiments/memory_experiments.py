@@ -192,6 +192,7 @@ def by_budget(runs: Sequence[dict], budgets: Sequence[int], steps: int, tokens_p
     if at:
       out[str(t)] = {"tokens": t * tokens_per_step, "n_runs": len(at), "summary": summarise_with_params(at, reference),
                      "fits": fits(at) if kind == "infinite_memory" else {}}
+      out[str(t)]["contrasts"] = variant_contrasts(at, out[str(t)]["fits"]) if kind == "infinite_memory" else {}
   return out
 
 
@@ -219,6 +220,35 @@ def fits(runs: Sequence[dict]) -> dict[str, dict | None]:
   for variant in dict.fromkeys(r["variant"] for r in runs if r.get("variant")):
     pts = [(r["slots"], final_loss(r["train"])) for r in runs if r.get("variant") == variant]
     out[variant] = loglinear_fit([p[0] for p in pts], [p[1] for p in pts])
+  return out
+
+
+def variant_contrasts(runs: Sequence[dict], fit: dict[str, dict | None], base: str = "engram") -> dict[str, dict]:
+  """Every other memory variant against `base` at equal slots: per slot count the loss difference (variant - base)
+  paired by seed, their mean over slot counts, and the difference of the fitted slopes per doubling of slots with
+  its standard error (the two fits' se combined, as independent). Slot counts are the planned ones (the point's
+  name): each variant rounds its heads up to primes of its own, so the built tables differ by a few rows."""
+  loss = {(r["variant"], int(r["point"].rsplit("_slots", 1)[1]), r["seed"]): final_loss(r["train"])
+          for r in runs if r.get("variant")}
+  out = {}
+  for variant in dict.fromkeys(v for v, _, _ in loss):
+    if variant == base:
+      continue
+    per_slots = {}
+    for (v, slots, seed), x in sorted(loss.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+      if v == variant and (base, slots, seed) in loss:
+        per_slots.setdefault(slots, []).append(x - loss[(base, slots, seed)])
+    if not per_slots:
+      continue
+    gaps = {str(k): {"gap": sum(d) / len(d), "paired": d} for k, d in per_slots.items()}
+    f, fb = fit.get(variant), fit.get(base)
+    diff = se = None
+    if f and fb:
+      diff = f["slope_per_doubling"] - fb["slope_per_doubling"]
+      if f["slope_se"] is not None and fb["slope_se"] is not None:
+        se = math.log(2) * math.hypot(f["slope_se"], fb["slope_se"])
+    out[variant] = {"base": base, "per_slots": gaps, "mean_gap": sum(g["gap"] for g in gaps.values()) / len(gaps),
+                    "n_slot_counts": len(gaps), "slope_per_doubling_diff": diff, "slope_per_doubling_diff_se": se}
   return out
 
 
@@ -307,6 +337,22 @@ def _budget_lines(budgets: dict) -> list[str]:
   return lines
 
 
+def _contrast_lines(contrasts: dict, pooled: float | None) -> list[str]:
+  """README section: each variant minus the base variant at equal slots, and the difference of their slopes."""
+  slots = sorted({int(k) for c in contrasts.values() for k in c["per_slots"]})
+  base = next(iter(contrasts.values()))["base"]
+  lines = ["", f"At equal slots (variant - {base}, paired by seed; negative: the variant is better):", "",
+           "| variant | " + " | ".join(f"{k:,}" for k in slots) + " | mean | slope/doubling diff (se) |",
+           "|---|" + "---|" * (len(slots) + 2)]
+  for v, c in contrasts.items():
+    cells = [f"{g['gap']:+.4f}" if (g := c["per_slots"].get(str(k))) else "" for k in slots]
+    mean = f"{c['mean_gap']:+.4f}" + (f" ({c['mean_gap'] / pooled:+.1f} seed std)" if pooled else "")
+    d, se = c["slope_per_doubling_diff"], c["slope_per_doubling_diff_se"]
+    slope = "" if d is None else f"{d:+.4f}" + ("" if se is None else f" ({se:.4f})")
+    lines.append(f"| {v} | " + " | ".join(cells) + f" | {mean} | {slope} |")
+  return lines
+
+
 HAND_READING = "## Reading (by hand"  # README.md from this line on is a person's; a rerun keeps it
 
 
@@ -347,6 +393,8 @@ def readme(results: dict) -> str:
         se = "" if f["slope_se"] is None else f"{f['slope_se']:.4f}"
         r2 = "" if f["r2"] is None else f"{f['r2']:.3f}"
         lines.append(f"| {v} | {f['slope_per_doubling']:+.4f} | {se} | {r2} | {f['n']} |")
+  if results.get("contrasts"):
+    lines += _contrast_lines(results["contrasts"], pooled)
   if len(results.get("by_budget") or {}) > 1:
     lines += _budget_lines(results["by_budget"])
   if results.get("not_finished"):
@@ -436,10 +484,12 @@ def run_experiment(exp: ExperimentConfig, run, out_dir: str, *, train_fn: Callab
     raise ValueError(f"{out_dir}: no finished run to report; run without ExperimentConfig.report_only first")
   summary = summarise_with_params(runs, reference_name(exp))
   fit = fits(runs) if exp.kind == "infinite_memory" else {}
+  contrasts = variant_contrasts(runs, fit) if exp.kind == "infinite_memory" else {}
   tokens_per_step = run.batch_size * run.seq_len
   budget_results = by_budget(runs, budgets, run.steps, tokens_per_step, reference_name(exp), exp.kind)
   results = {"experiment": exp, "command": command or " ".join([sys.executable] + sys.argv),
-             "versions": software_versions(), "run": run, "summary": summary, "fits": fit, "runs": runs,
+             "versions": software_versions(), "run": run, "summary": summary, "fits": fit,
+             "contrasts": contrasts, "runs": runs,
              "train_wall_s": sum(r["wall_s"] for r in runs), "not_finished": missing,
              "tokens_per_run": (run.stop_after or run.steps) * tokens_per_step, "by_budget": budget_results}
   results = json.loads(json.dumps(_jsonable(results)))
