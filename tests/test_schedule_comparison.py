@@ -28,7 +28,10 @@ def write(sweep_dir, records, pooled=None):
 
 
 def test_pairs_full_runs_and_branches_with_gaps_and_rho_gaps(tmp_path):
-  write(tmp_path / "wsd", [record(1.0, 0, 40, 4.50, {10: 5.10}), record(0.8, 0, 40, 4.45, {10: 5.12})])
+  wsd = [record(1.0, 0, 40, 4.50, {10: 5.10}), record(0.8, 0, 40, 4.45, {10: 5.12})]
+  for r in wsd:  # a field a later version added (the cosine records lack it) does not block the pairing
+    r["model_config"]["moe"]["capacity_impl"] = "sorted"
+  write(tmp_path / "wsd", wsd)
   write(tmp_path / "cos10", [record(1.0, 0, 10, 5.20), record(0.8, 0, 10, 5.21), record(0.6, 0, 10, 5.3)], 0.01)
   write(tmp_path / "cos40", [record(1.0, 0, 40, 4.54), record(0.8, 0, 40, 4.50)], 0.004)
   res = sc.main(["--wsd", str(tmp_path / "wsd"), "--cosine", str(tmp_path / "cos10"), str(tmp_path / "cos40")])

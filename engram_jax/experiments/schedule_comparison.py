@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from engram_jax.experiments.sparsity_allocation import config_differs, software_versions
+from engram_jax.experiments.sparsity_allocation import software_versions
 from engram_jax.experiments.sweep_report import _figure, _save
 
 
@@ -53,10 +53,17 @@ def pooled_std(sweep_dir: str) -> float | None:
     return None
 
 
+def _shared_fields_differ(a, b) -> bool:
+  """Whether two recorded configs differ in a field both have (records of different versions add or drop fields
+  whose defaults do not change the model, e.g. an implementation choice)."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return any(_shared_fields_differ(a[k], b[k]) for k in a.keys() & b.keys())
+  return a != b
+
+
 def _same_data(a: dict, b: dict) -> str | None:
-  """Why two run records do not see the same model and batches, or None (b may be the older record: fields it
-  lacks are defaults added later)."""
-  if config_differs(b["model_config"], a["model_config"]):
+  """Why two run records do not see the same model and batches, or None."""
+  if _shared_fields_differ(a["model_config"], b["model_config"]):
     return "model configs differ"
   for field in ("batch_size", "seq_len", "seed"):
     if a["run_config"][field] != b["run_config"][field]:
