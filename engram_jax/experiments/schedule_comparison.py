@@ -127,16 +127,16 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-  """One panel per rho: validation loss against step for each length, WSD solid and cosine dashed."""
+  """One panel per rho: validation loss against step for each length (from a fifth of it on), WSD solid and cosine
+  dashed."""
   rhos = sorted({p["rho"] for p in result["pairs"]}, reverse=True)
   fig, axes = _figure(len(rhos))
   for ax, rho in zip(axes[0], rhos):
     for i, p in enumerate(q for q in result["pairs"] if q["rho"] == rho):
       for curve, style, name in ((p["wsd_val_curve"], "-", "WSD"), (p["cosine_val_curve"], "--", "cosine")):
-        pts = [(s, v) for s, v in curve if s > 0]
+        pts = [(s, v) for s, v in curve if s >= p["steps"] // 5]  # past the early drop, where the schedules part
         ax.plot([s for s, _ in pts], [v for _, v in pts], style, marker=".", color=f"C{i}",
                 label=f"{name}, {p['steps']} steps (seed {p['seed']}): {p[name.lower()]:.4f}")
-    ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"rho = {rho}: WSD (solid) vs cosine (dashed)")
