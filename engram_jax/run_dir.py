@@ -51,6 +51,9 @@ class RunRecord:
   seq_len: int | None  # Training sequence length.
   run_config: dict  # The RunConfig of the first training session, as JSON (for reference).
   step: int | None = None  # The checkpoint step `load_model` restored.
+  # sha256 of the tokenizer's pieces and scores (engram_jax.vocab.sentencepiece_fingerprint): equal for the same
+  # vocabulary whatever file bytes hold it; what a resumed run or a branch is checked against.
+  tokenizer_pieces_sha256: str | None = None
 
   @property
   def needs_x64(self) -> bool:
@@ -145,6 +148,8 @@ def begin_run(model_dir, model_config: ModelConfig, run_config: Any, vocab, data
                        compression=task_compression(model_config, run_config.engram_compression, vocab),
                        tokenizer_sha256=sha256_bytes(tokenizer_bytes) if tokenizer_bytes else None, data_dir=data_dir,
                        mesh=mesh)
+  if tokenizer_bytes:
+    current = dataclasses.replace(current, tokenizer_pieces_sha256=_pieces_sha256(tokenizer_bytes))
   saved = read_record(model_dir)
   if saved is not None and has_checkpoints:
     check_compatible(saved, current)
@@ -190,7 +195,8 @@ def write_record(record: RunRecord, tokenizer_bytes: bytes | None) -> None:
                            "compressed_size": hashing.compressed_vocab_size(record.compression)}
   if tokenizer_bytes is not None:
     fileio.atomic_write(model_dir / TOKENIZER_FILE, tokenizer_bytes)
-    body["tokenizer"] = {"file": TOKENIZER_FILE, "sha256": sha256_bytes(tokenizer_bytes)}
+    body["tokenizer"] = {"file": TOKENIZER_FILE, "sha256": sha256_bytes(tokenizer_bytes),
+                         "pieces_sha256": record.tokenizer_pieces_sha256}
   fileio.write_json(model_dir / RECORD_FILE, body)
 
 
@@ -201,13 +207,27 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def _pieces_sha256(tokenizer_bytes: bytes) -> str:
+  from engram_jax.vocab import sentencepiece_fingerprint  # noqa: PLC0415 (sentencepiece loads only when needed)
+  return sentencepiece_fingerprint(tokenizer_bytes)
+
+
+def _tokenizers_differ(saved: RunRecord, current: RunRecord) -> bool:
+  """By pieces and scores where both records know them (a rebuilt corpus with the same vocabulary is the same
+  tokenizer, though older corpus builds embedded their build directory in the file), else by file sha256."""
+  if saved.tokenizer_pieces_sha256 and current.tokenizer_pieces_sha256:
+    return saved.tokenizer_pieces_sha256 != current.tokenizer_pieces_sha256
+  return bool(saved.tokenizer_sha256 and current.tokenizer_sha256 and saved.tokenizer_sha256 != current.tokenizer_sha256)
+
+
 def check_compatible(saved: RunRecord, current: RunRecord) -> None:
   """Raises ValueError (naming what differs and the fix) when `current` cannot continue the run `saved` records."""
   problems = ckpt_lib.config_differences(ckpt_lib.config_to_dict(saved.model_config),
                                          ckpt_lib.config_to_dict(current.model_config))
-  if saved.tokenizer_sha256 and current.tokenizer_sha256 and saved.tokenizer_sha256 != current.tokenizer_sha256:
-    problems.append(f"tokenizer sha256: {saved.tokenizer_sha256[:12]} -> {current.tokenizer_sha256[:12]} (task "
-                    f"{current.task!r}, data_dir {current.data_dir!r}: the corpus' vocabulary changed)")
+  if _tokenizers_differ(saved, current):
+    problems.append(f"tokenizer pieces: {(saved.tokenizer_pieces_sha256 or saved.tokenizer_sha256)[:12]} -> "
+                    f"{(current.tokenizer_pieces_sha256 or current.tokenizer_sha256)[:12]} (task {current.task!r}, "
+                    f"data_dir {current.data_dir!r}: the corpus' vocabulary changed)")
   elif (saved.compression is None) != (current.compression is None) or (
       saved.compression is not None and not np.array_equal(saved.compression, current.compression)):
     problems.append("Engram compression map differs (RunConfig.engram_compression or the task's vocabulary)")
@@ -243,12 +263,16 @@ def _parse_record(model_dir, body: dict) -> RunRecord:
   if body["compression"] is not None:
     compression = _load_map(model_dir / body["compression"]["file"], body["compression"]["sha256"])
   tokenizer = body.get("tokenizer")
+  pieces_sha256 = tokenizer.get("pieces_sha256") if tokenizer else None
+  if tokenizer and "pieces_sha256" not in tokenizer and (model_dir / tokenizer["file"]).exists():  # an older record
+    pieces_sha256 = _pieces_sha256((model_dir / tokenizer["file"]).read_bytes())
   return RunRecord(
       model_dir=str(model_dir), model_config=model_config_from_dict(body["model_config"]), compression=compression,
       hash_specs={int(k): _spec_from_json(v) for k, v in body["hash_specs"].items()},
       tokenizer_path=str(model_dir / tokenizer["file"]) if tokenizer else None,
       tokenizer_sha256=tokenizer["sha256"] if tokenizer else None, task=body.get("task"),
-      data_dir=body.get("data_dir"), seq_len=body.get("seq_len"), run_config=body.get("run_config") or {})
+      data_dir=body.get("data_dir"), seq_len=body.get("seq_len"), run_config=body.get("run_config") or {},
+      tokenizer_pieces_sha256=pieces_sha256)
 
 
 def _load_map(path, sha256: str | None) -> np.ndarray:

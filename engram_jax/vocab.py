@@ -54,6 +54,18 @@ def _existing(path: str | Path, what: str) -> Path:
   return p
 
 
+def sentencepiece_fingerprint(model_bytes: bytes) -> str:
+  """sha256 of a SentencePiece model's pieces and scores, one "piece<TAB>score" line per id: what tokenization
+  depends on, and nothing else (a model file written by SentencePiece itself also records the path it was
+  trained to, so two identical vocabularies built in different directories differ byte for byte)."""
+  import hashlib  # noqa: PLC0415
+  import sentencepiece as spm  # noqa: PLC0415 (optional dependency, imported when used)
+
+  sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+  lines = "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size()))
+  return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def sentencepiece_vocab(model_file: str | Path) -> TokenizerVocab:
   """A SentencePiece model file. Control pieces (pad, eos) and the bare '\u2581' piece decode to ''."""
   import sentencepiece as spm  # noqa: PLC0415 (optional dependency, imported when used)

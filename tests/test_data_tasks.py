@@ -131,6 +131,7 @@ def test_build_corpus_manifest_and_idempotence(corpus, tmp_path):
   _, again = _build(tmp_path / "again")
   assert again["splits"] == manifest["splits"]
   assert again["vocab"]["pieces_sha256"] == manifest["vocab"]["pieces_sha256"]
+  assert again["vocab"]["sha256"] == manifest["vocab"]["sha256"]  # the model file records no build directory
   shard = tmp_path / "again" / again["splits"]["train"]["shards"][0]["file"]
   shard.write_text(shard.read_text() + "extra\n")
   assert prepare.verify_manifest(tmp_path / "again") is None

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from engram_jax import checkpoint as ckpt_lib
-from engram_jax import hashing, run_dir, sharding, train
+from engram_jax import hashing, run_dir, sharding, train, vocab
 from engram_jax.models.decoder import Decoder
 from tiny_run import STEPS, tiny_model, tiny_run  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -139,6 +139,24 @@ def test_directory_from_before_the_record_still_loads(straight, tmp_path):
   assert record.hash_specs == new_record.hash_specs
   tokens = np.arange(32, dtype=np.int32).reshape(2, 16)
   np.testing.assert_array_equal(np.asarray(model(tokens)[0]), np.asarray(new_model(tokens)[0]))
+
+
+def test_tokenizer_is_checked_by_its_pieces_not_its_file_bytes(straight, corpus, tmp_path):
+  """A rebuilt corpus with the same vocabulary continues a run (older builds embedded their build directory in the
+  model file, so equal vocabularies had unequal bytes); another vocabulary is refused."""
+  model_dir, _ = straight
+  saved = run_dir.read_record(model_dir)
+  assert saved.tokenizer_pieces_sha256 == vocab.sentencepiece_fingerprint((Path(corpus) / "spm.model").read_bytes())
+  old = tmp_path / "old"  # a record written before the field: the fingerprint comes from the run's tokenizer copy
+  shutil.copytree(model_dir, old, ignore=shutil.ignore_patterns("checkpoints"))
+  body = json.loads((old / run_dir.RECORD_FILE).read_text())
+  del body["tokenizer"]["pieces_sha256"]
+  (old / run_dir.RECORD_FILE).write_text(json.dumps(body))
+  assert run_dir.read_record(old).tokenizer_pieces_sha256 == saved.tokenizer_pieces_sha256
+  run_dir.check_compatible(saved, dataclasses.replace(saved, tokenizer_sha256="0" * 64))
+  with pytest.raises(ValueError, match=r"tokenizer pieces: \w{12} -> 111111111111 .*the corpus' vocabulary changed"):
+    run_dir.check_compatible(saved, dataclasses.replace(saved, tokenizer_sha256="0" * 64,
+                                                        tokenizer_pieces_sha256="1" * 64))
 
 
 def test_load_model_errors_name_the_path(straight, tmp_path):

@@ -10,7 +10,7 @@ Shards are read line by line as bytes: empty and non-UTF-8 lines are skipped and
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import io
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,6 +20,7 @@ import numpy as np
 
 from engram_jax.data.progress import Heartbeat
 from engram_jax.data.sources import SkipCounts, _sha256, clean_text
+from engram_jax.vocab import sentencepiece_fingerprint
 
 SP_MB_PER_S_PER_THREAD = 0.35  # SentencePiece unigram training here: about 20 MB in 30 s on 2 cores
 
@@ -157,12 +158,11 @@ def train_sentencepiece(
   seconds = time.perf_counter() - t0
   model = Path(f"{model_prefix}.model")
   sp = spm.SentencePieceProcessor(model_file=str(model))
-  pieces = "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size()))
   return {
     "file": model.name,
-    "sha256": _sha256(model),
+    "sha256": _sha256(model),  # reproducible: the file records no path (see _train_spm)
     "vocab_size": sp.get_piece_size(),
-    "pieces_sha256": hashlib.sha256(pieces.encode()).hexdigest(),  # path-independent (the file embeds its path)
+    "pieces_sha256": sentencepiece_fingerprint(model.read_bytes()),
     "requested_vocab_size": vocab_size,
     "model_type": model_type,
     "pad_id": 0,
@@ -178,9 +178,12 @@ def train_sentencepiece(
 
 def _train_spm(spm, sentences: list[str], model_prefix: Path, vocab_size: int, model_type: str,
                num_threads: int) -> None:
+  """Writes `<model_prefix>.model` and `.vocab`. The model is serialised through `model_writer`, so it records no
+  training path: the same sentences give the same bytes in any directory (the corpus is built in a temporary one)."""
+  writer = io.BytesIO()
   spm.SentencePieceTrainer.train(
     sentence_iterator=iter(sentences),
-    model_prefix=str(model_prefix),
+    model_writer=writer,
     vocab_size=vocab_size,
     model_type=model_type,
     character_coverage=0.9999,
@@ -196,3 +199,7 @@ def _train_spm(spm, sentences: list[str], model_prefix: Path, vocab_size: int, m
     minloglevel=2,
     hard_vocab_limit=False,
   )
+  Path(f"{model_prefix}.model").write_bytes(writer.getvalue())
+  sp = spm.SentencePieceProcessor(model_proto=writer.getvalue())
+  Path(f"{model_prefix}.vocab").write_text(
+    "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size())), encoding="utf-8")
