@@ -1,6 +1,7 @@
 """Two suite results side by side: per task the primary metric and bits per byte of each, and their difference
-with its standard error (sqrt(se_a^2 + se_b^2): the two models are scored on the same documents, so this is
-conservative).
+with its standard error: that of the per-document differences where both results hold per-document values of the
+same documents (the paired difference), else sqrt(se_a^2 + se_b^2) (conservative for models scored on the same
+documents; results written before per-document values were kept).
 
     python -m evals.compare A/evals/step_300/standard.json B/evals/step_300/standard.json [--out table.md]
 """
@@ -12,7 +13,17 @@ import json
 import math
 from collections.abc import Sequence
 
+from evals.metrics import paired_difference
 from evals.report import atomic_write, markdown_table
+
+
+def difference(ta: dict, tb: dict, key: str) -> dict[str, float]:
+  """b - a of one task's metric `key`, {'value', 'stderr', 'paired'}."""
+  da, db = (t.get("per_doc", {}).get(key) for t in (ta, tb))
+  if da is not None and db is not None and len(da) == len(db):
+    return {**paired_difference(da, db), "paired": True}
+  ma, mb = ta["metrics"][key], tb["metrics"][key]
+  return {"value": mb["value"] - ma["value"], "stderr": math.hypot(ma["stderr"], mb["stderr"]), "paired": False}
 
 
 def comparison_table(a: dict, b: dict, name_a: str, name_b: str) -> str:
@@ -28,8 +39,8 @@ def comparison_table(a: dict, b: dict, name_a: str, name_b: str) -> str:
     for key in (p, "bpb") if p != "bpb" else ("bpb",):
       ma, mb = ta["metrics"][key], tb["metrics"][key]
       scale = 1.0 if key == "bpb" else pct
-      diff = (mb["value"] - ma["value"]) * scale
-      se = math.hypot(ma["stderr"], mb["stderr"]) * scale
+      d = difference(ta, tb, key)
+      diff, se = d["value"] * scale, d["stderr"] * scale
       fmt = "{:.3f}" if key == "bpb" else "{:.1f}"
       cells += [fmt.format(ma["value"] * scale), fmt.format(mb["value"] * scale),
                 (fmt.format(diff) if diff < 0 else "+" + fmt.format(diff)) + " ± " + fmt.format(se)]

@@ -41,11 +41,12 @@ def _grid(doc, choice, values, n_docs, n_choices, fill):
 
 def task_metrics(doc: np.ndarray, choice: np.ndarray, uncond: np.ndarray, continuations: Sequence[str],
                  gold: np.ndarray, loglik: np.ndarray, tokens: np.ndarray, greedy: np.ndarray, *,
-                 greedy_metric: bool = False) -> dict:
+                 greedy_metric: bool = False, per_doc: bool = False) -> dict:
   """Metrics of one task. doc, choice, uncond, loglik, tokens, greedy: [R] per request; continuations: [R]
   strings; gold [N]. Returns {metric: {'value', 'stderr'}} plus 'docs' and 'chance' (mean 1 / choices, None for
   single-continuation tasks). acc_greedy is reported for single-continuation tasks, and for others when
-  greedy_metric is set (generation-style tasks scored by ranking too)."""
+  greedy_metric is set (generation-style tasks scored by ranking too). per_doc: also 'per_doc', {metric: [N]
+  values} (for paired comparisons of two models or settings on the same documents)."""
   doc, choice, uncond = np.asarray(doc), np.asarray(choice), np.asarray(uncond, bool)
   gold = np.asarray(gold)
   n, c = gold.size, int(choice.max()) + 1
@@ -60,23 +61,33 @@ def task_metrics(doc: np.ndarray, choice: np.ndarray, uncond: np.ndarray, contin
   masked = lambda score: np.where(present, score, -np.inf)  # noqa: E731
   rows = np.arange(n)
   gold_ll, gold_bytes = ll[rows, gold], per(nbytes)[rows, gold]
-  out: dict = {"docs": int(n)}
   n_choices = present.sum(axis=1)
-  out["chance"] = float(np.mean(1.0 / n_choices)) if n_choices.max() > 1 else None
-  out["bpb"] = mean_stderr(-gold_ll / gold_bytes / LN2)
+  values = {"bpb": -gold_ll / gold_bytes / LN2}  # metric -> [N] per document
   if n_choices.max() == 1 or greedy_metric:
-    out["acc_greedy"] = mean_stderr(_grid(doc[cond], choice[cond], greedy[cond], n, c, 0.0)[rows, gold])
-  if n_choices.max() == 1:
-    return out
-  out["acc"] = mean_stderr(np.argmax(masked(ll), axis=1) == gold)
-  out["acc_per_char"] = mean_stderr(np.argmax(masked(ll / per(chars)), axis=1) == gold)
-  out["acc_per_token"] = mean_stderr(np.argmax(masked(ll / per(tokens.astype(np.float64))), axis=1) == gold)
-  if uncond.any():
-    ll_u = _grid(doc[uncond], choice[uncond], loglik[uncond], n, c, np.nan)  # [N, C]
-    if np.isnan(ll_u[present]).any():
-      raise ValueError("unconditional requests cover only some choices; every choice needs one for acc_uncond")
-    out["acc_uncond"] = mean_stderr(np.argmax(masked(ll - np.nan_to_num(ll_u)), axis=1) == gold)
+    values["acc_greedy"] = _grid(doc[cond], choice[cond], greedy[cond], n, c, 0.0)[rows, gold]
+  if n_choices.max() > 1:
+    values["acc"] = np.argmax(masked(ll), axis=1) == gold
+    values["acc_per_char"] = np.argmax(masked(ll / per(chars)), axis=1) == gold
+    values["acc_per_token"] = np.argmax(masked(ll / per(tokens.astype(np.float64))), axis=1) == gold
+    if uncond.any():
+      ll_u = _grid(doc[uncond], choice[uncond], loglik[uncond], n, c, np.nan)  # [N, C]
+      if np.isnan(ll_u[present]).any():
+        raise ValueError("unconditional requests cover only some choices; every choice needs one for acc_uncond")
+      values["acc_uncond"] = np.argmax(masked(ll - np.nan_to_num(ll_u)), axis=1) == gold
+  out: dict = {"docs": int(n), "chance": float(np.mean(1.0 / n_choices)) if n_choices.max() > 1 else None}
+  out.update({k: mean_stderr(v) for k, v in values.items()})
+  if per_doc:
+    out["per_doc"] = {k: np.asarray(v, np.float64) for k, v in values.items()}
   return out
+
+
+def paired_difference(a, b) -> dict[str, float]:
+  """Mean and standard error of b - a over the same documents ([N] each): the difference of two settings scored
+  on one set of documents, whose standard error is smaller than that of two independent means."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"paired_difference: {a.shape} vs {b.shape} documents; score both on the same documents")
+  return mean_stderr(b - a)
 
 
 def retained(on: float, off: float, chance: float | None = None) -> dict[str, float | None]:

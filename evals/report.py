@@ -38,11 +38,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
   return atomic_write(path, json.dumps(jsonable(obj), indent=1) + "\n")
 
 
-def _fmt(metric: dict | None, pct: bool) -> str:
+def _fmt(metric: dict | None, pct: bool, signed: bool = False) -> str:
   if not metric:
     return "-"
-  v, se = metric["value"], metric["stderr"]
-  return f"{100 * v:.1f} ± {100 * se:.1f}" if pct else f"{v:.3f} ± {se:.3f}"
+  v, se, sign = metric["value"], metric["stderr"], "+" if signed else ""
+  return f"{100 * v:{sign}.1f} ± {100 * se:.1f}" if pct else f"{v:{sign}.3f} ± {se:.3f}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -78,14 +78,15 @@ def engram_off_table(tasks: dict[str, dict], summary: dict[str, dict]) -> str:
     p = t["primary"]
     r = t["retained"]
     fmt = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    paired = r.get("paired", {}).get(p)  # results written before the paired difference have none
     rows.append([name, t["family"], p, _fmt(t["metrics"].get(p), p != "bpb"), _fmt(t["engram_off"].get(p), p != "bpb"),
-                 fmt(r["raw"]), fmt(r["above_chance"]), f"{r['bpb_delta']:+.3f}"])
+                 _fmt(paired, p != "bpb", signed=True), fmt(r["raw"]), fmt(r["above_chance"]), f"{r['bpb_delta']:+.3f}"])
   for fam, s in summary.items():
     fmt = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-    rows.append([f"**{fam} (mean)**", fam, "", "", "", fmt(s["raw"]), fmt(s["above_chance"]),
+    rows.append([f"**{fam} (mean)**", fam, "", "", "", "", fmt(s["raw"]), fmt(s["above_chance"]),
                  f"{s['bpb_delta']:+.3f}"])
-  return markdown_table(["task", "family", "metric", "on", "off", "retained", "retained above chance",
-                          "Δ bpb (off - on)"], rows)
+  return markdown_table(["task", "family", "metric", "on", "off", "off - on (paired se)", "retained",
+                          "retained above chance", "Δ bpb (off - on)"], rows)
 
 
 def family_summary(tasks: dict[str, dict]) -> dict[str, dict]:

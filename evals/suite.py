@@ -95,12 +95,14 @@ def build_tasks(name: str, suite: SuiteConfig, seq_len: int, tok: Tokenizer) -> 
 
 
 def score_task(data: benchmarks.TaskData, enc: scoring.Encoded, scorer, seq_len: int, batch_size: int,
-               label: str) -> tuple[dict, dict]:
-  """(metrics, scoring stats) of one task under one scorer."""
+               label: str) -> tuple[dict, dict, dict]:
+  """(metrics, per-document values of the primary metric and bpb {metric: [N]}, scoring stats) of one task under
+  one scorer."""
   s = scoring.score_requests(scorer, enc, seq_len, batch_size, label=label)
   m = metrics.task_metrics(data.doc, data.choice, data.uncond, data.continuations, data.gold, s.loglik, s.tokens,
-                           s.greedy, greedy_metric=data.spec.greedy)
-  return m, s.stats
+                           s.greedy, greedy_metric=data.spec.greedy, per_doc=True)
+  per_doc = m.pop("per_doc")
+  return m, {k: per_doc[k] for k in dict.fromkeys((data.spec.primary, "bpb"))}, s.stats
 
 
 def validation_rows(loaded: Loaded, tok: Tokenizer, seq_len: int, rows: int) -> dict[str, np.ndarray]:
@@ -118,6 +120,13 @@ def validation_rows(loaded: Loaded, tok: Tokenizer, seq_len: int, rows: int) -> 
   return {k: v[:rows] for k, v in packed.items()}
 
 
+def _tokenizer_id(loaded: Loaded) -> str:
+  """The tokenizer's pieces and scores (two copies of one vocabulary may differ in bytes: older corpus builds
+  recorded their build directory in the model file)."""
+  from engram_jax.vocab import sentencepiece_fingerprint
+  return sentencepiece_fingerprint(Path(loaded.tokenizer_path).read_bytes())
+
+
 def _analyses(loaded: Loaded, suite: SuiteConfig, tok: Tokenizer, seq_len: int, out: Path, log) -> dict:
   from evals import loading
   result: dict[str, Any] = {}
@@ -129,7 +138,7 @@ def _analyses(loaded: Loaded, suite: SuiteConfig, tok: Tokenizer, seq_len: int, 
   if suite.logit_lens or suite.cka:
     for path in suite.compare:
       other = loading.load(path)
-      if Path(other.tokenizer_path).read_bytes() != Path(loaded.tokenizer_path).read_bytes():
+      if _tokenizer_id(other) != _tokenizer_id(loaded):
         raise ValueError(f"SuiteConfig.compare: {path} uses another tokenizer; LogitLens / CKA compare models on the "
                          "same tokens")
       name = label(other) if label(other) not in streams else f"{label(other)} ({len(streams) + 1})"
@@ -180,22 +189,26 @@ def run_suite(loaded: Loaded, suite: SuiteConfig, output_dir: str | Path | None 
       t_task = time.time()
       ctx, cont = scoring.encode_pair(tok.encode, data.contexts, data.continuations)
       enc = scoring.truncate(ctx, cont, seq_len)
-      m, stats = score_task(data, enc, scorer, seq_len, suite.batch_size, data.spec.name)
+      m, docs_on, stats = score_task(data, enc, scorer, seq_len, suite.batch_size, data.spec.name)
       entry = {"family": data.spec.family, "primary": data.spec.primary, "chance": m.pop("chance"), "metrics": m,
                "truncated": {"context": int(enc.context_truncated.sum()),
                              "continuation": int(enc.continuation_truncated.sum()), "requests": len(enc.tokens)},
-               "scoring": stats, "meta": data.meta}
+               "scoring": stats, "meta": data.meta, "per_doc": docs_on}
       if scorer_off is not None:
-        m_off, _ = score_task(data, enc, scorer_off, seq_len, suite.batch_size, data.spec.name + " (Engram off)")
+        m_off, docs_off, _ = score_task(data, enc, scorer_off, seq_len, suite.batch_size,
+                                        data.spec.name + " (Engram off)")
         m_off.pop("chance")
         p = data.spec.primary
         entry["engram_off"] = m_off
         entry["engram_off_layers"] = list(off)
+        entry["per_doc_off"] = docs_off
         if p == "bpb":  # lower is better: the retained share of a bpb is not meaningful, its change is
           entry["retained"] = {"raw": None, "above_chance": None}
         else:
           entry["retained"] = metrics.retained(m[p]["value"], m_off[p]["value"], entry["chance"])
         entry["retained"]["bpb_delta"] = m_off["bpb"]["value"] - m["bpb"]["value"]
+        # off - on over the same documents: its standard error is that of the paired difference
+        entry["retained"]["paired"] = {k: metrics.paired_difference(docs_on[k], docs_off[k]) for k in docs_on}
       tasks[data.spec.name] = entry
       p = data.spec.primary
       bpb = "" if p == "bpb" else f" | bpb {m['bpb']['value']:.3f}"

@@ -75,6 +75,10 @@ def test_suite_with_engram_off_writes_json_markdown_and_png(env):
     assert m["docs"] == 6, name
     assert np.isfinite(m["bpb"]["value"]) and m["bpb"]["value"] > 0
     assert t["engram_off"]["docs"] == 6 and "bpb_delta" in t["retained"]
+    p = t["primary"]  # the paired off - on difference over the same documents: its mean is the means' difference
+    assert t["retained"]["paired"][p]["value"] == pytest.approx(t["engram_off"][p]["value"] - m[p]["value"], abs=1e-9)
+    assert t["retained"]["paired"]["bpb"]["value"] == pytest.approx(t["retained"]["bpb_delta"], abs=1e-9)
+    assert len(t["per_doc"][p]) == len(t["per_doc_off"][p]) == 6
     if name == "lambada":
       assert t["chance"] is None and "acc_greedy" in m
     else:

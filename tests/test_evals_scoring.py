@@ -151,6 +151,22 @@ def test_metrics_by_hand():
   assert m["bpb"]["value"] == pytest.approx(want.mean())
   assert m["bpb"]["stderr"] == pytest.approx(np.std(want, ddof=1) / math.sqrt(2))
   assert m["chance"] == 0.5 and m["docs"] == 2
+  # per document: the values the means are taken over (doc0 right, doc1 wrong for acc)
+  per = metrics.task_metrics(doc, choice, uncond, conts, gold, loglik, tokens, np.zeros(8, bool), per_doc=True)
+  np.testing.assert_array_equal(per["per_doc"]["acc"], [1.0, 0.0])
+  np.testing.assert_allclose(per["per_doc"]["bpb"], want)
+  assert {k: v for k, v in per.items() if k != "per_doc"} == m
+
+
+def test_paired_difference_is_the_mean_and_se_of_per_document_differences():
+  on, off = np.array([1, 1, 0, 1, 0, 1.0]), np.array([0, 1, 0, 0, 0, 1.0])
+  d = metrics.paired_difference(on, off)
+  assert d["value"] == pytest.approx(off.mean() - on.mean())
+  assert d["stderr"] == pytest.approx(np.std(off - on, ddof=1) / math.sqrt(6))
+  # tighter than the two means' independent standard errors combined, when the settings agree on most documents
+  assert d["stderr"] < math.hypot(metrics.mean_stderr(on)["stderr"], metrics.mean_stderr(off)["stderr"])
+  with pytest.raises(ValueError, match="same documents"):
+    metrics.paired_difference(on, off[:5])
 
 
 def test_single_continuation_task_reports_bpb_and_greedy_match():
