@@ -45,6 +45,13 @@ def resolve_models(rel: str) -> list[tuple[ModelConfig, str]]:
     from engram_jax.experiments import memory_experiments
     exp, run, _ = configurables.resolve("experiment", [rel], entry=cli.EXPERIMENT)
     return [(m, "data=-1") for _, m, _ in memory_experiments.plan(exp, run)]
+  elif "PairConfig." in (REPO / rel).read_text():  # the Engram-off pair (python -m evals.engram_off_pair)
+    from evals import engram_off_pair
+    from evals.configurables import engram_off_pair_args
+    configurables.parse([rel], entry=engram_off_pair.ENTRY)
+    pair, model, run, _ = engram_off_pair_args()
+    engram_off_pair.check_pair(model, run)
+    return [(model, run.mesh), (engram_off_pair.moe_twin(model), run.mesh)]
   else:
     model, run, _ = configurables.resolve("train", [rel])
   return [(model, run.mesh)]
@@ -64,7 +71,7 @@ def test_every_gin_file_parses_and_builds_its_model(rel):
 def test_config_headers_say_how_to_run_them():
   for rel in ALL_GIN:
     header = (REPO / rel).read_text().split("\n\n")[0]
-    assert header.startswith("#") and "python -m engram_jax." in header, rel
+    assert header.startswith("#") and ("python -m engram_jax." in header or "python -m evals." in header), rel
 
 
 def test_quickstart_is_a_tiny_engram_moe_run():
