@@ -14,6 +14,7 @@ Adapters (local files only, no network):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,10 +56,9 @@ def _existing(path: str | Path, what: str) -> Path:
 
 
 def sentencepiece_fingerprint(model_bytes: bytes) -> str:
-  """sha256 of a SentencePiece model's pieces and scores, one "piece<TAB>score" line per id: what tokenization
-  depends on, and nothing else (a model file written by SentencePiece itself also records the path it was
-  trained to, so two identical vocabularies built in different directories differ byte for byte)."""
-  import hashlib  # noqa: PLC0415
+  """sha256 of a SentencePiece model's pieces and scores, one "piece<TAB>score" line per id: the vocabulary,
+  without the training record a model file also carries (SentencePiece writes the path it trained to into it, so
+  two identical vocabularies built in different directories can differ byte for byte)."""
   import sentencepiece as spm  # noqa: PLC0415 (optional dependency, imported when used)
 
   sp = spm.SentencePieceProcessor(model_proto=model_bytes)
