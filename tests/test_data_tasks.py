@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engram_jax.data import packing, prepare, sources
+from task_registry import registered_tasks_removed  # tests/ is on sys.path
 
 WORDS = (
   "the king queen castle river stone light dark night morning sea ship bread wine honour sword crown "
@@ -56,14 +57,8 @@ def _build(data_dir, seed=0):
 @pytest.fixture(autouse=True)
 def restore_task_registry():
   """Tasks registered by a test (pointing into tmp dirs) are removed afterwards."""
-  before = set(sys.modules["seqio"].TaskRegistry.names()) if "seqio" in sys.modules else set()
-  yield
-  if "seqio" in sys.modules:
-    from engram_jax.data import tasks
-
-    for name in set(sys.modules["seqio"].TaskRegistry.names()) - before:
-      sys.modules["seqio"].TaskRegistry.remove(name)
-      tasks._REGISTERED.pop(name, None)
+  with registered_tasks_removed():
+    yield
 
 
 @pytest.fixture(scope="module")

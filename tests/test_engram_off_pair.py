@@ -10,6 +10,7 @@ import pytest
 
 import fake_olmo_eval  # tests/ is on sys.path
 from evals import engram_off_pair
+from task_registry import registered_tasks_removed
 from tiny_run import STEPS, tiny_model, tiny_run
 
 PAIR = engram_off_pair.PairConfig(seeds=(0,), tasks=("facts_closed", "arc_easy", "lambada"), limit=6, batch_size=4,
@@ -23,8 +24,9 @@ def pair_run(corpus, tmp_path_factory):
   import evals.mixtures  # noqa: F401 (registers the engram_corpus_facts_<P> mixtures)
   out = tmp_path_factory.mktemp("pair")
   run = tiny_run(corpus, task="engram_corpus_facts_30", steps=STEPS)
-  results = engram_off_pair.run_pair(PAIR, tiny_model(), run, str(out), log=lambda s: None)
-  yield out, run, results
+  with registered_tasks_removed():  # the mixture points at this corpus; other tests register it over theirs
+    results = engram_off_pair.run_pair(PAIR, tiny_model(), run, str(out), log=lambda s: None)
+    yield out, run, results
   mp.undo()
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from engram_jax import configurables
 from engram_jax.data import packing
+from task_registry import registered_tasks_removed  # tests/ is on sys.path
 from toy_corpus import build_toy_corpus
 
 
@@ -21,17 +22,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def restore_task_registry():
   """Tasks and mixtures registered here (pointing into tmp dirs) are removed afterwards."""
-  import seqio
-  from engram_jax.data import tasks
-  before_t, before_m = set(seqio.TaskRegistry.names()), set(seqio.MixtureRegistry.names())
-  yield
-  for name in set(seqio.MixtureRegistry.names()) - before_m:
-    seqio.MixtureRegistry.remove(name)
-    tasks._MIXTURES.pop(name, None)
-  for name in set(seqio.TaskRegistry.names()) - before_t:
-    seqio.TaskRegistry.remove(name)
-    tasks._REGISTERED.pop(name, None)
-    tasks._CORPUS_TASKS.discard(name)
+  with registered_tasks_removed():
+    yield
 
 
 def test_mixed_documents_follow_the_rates_and_are_deterministic():
