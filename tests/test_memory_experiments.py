@@ -184,6 +184,9 @@ def test_table_optimizer_plan_changes_only_the_table_optimizer_and_writes_result
   assert pts["adam_lazy"]["gap"] == pytest.approx(0.01) and pts["adagrad_rowwise"]["gap"] == pytest.approx(0.16)
   assert pts["adagrad_rowwise"]["gap_in_seed_std"] == pytest.approx(0.16 / math.sqrt(0.02 ** 2 / 2))
   assert (tmp_path / "table_optimizers.png").stat().st_size > 0
+  # the table gives each seed's paired gap (6.40 - 6.24, 6.42 - 6.26)
+  assert "| adagrad_rowwise | " in (tmp_path / "README.md").read_text()
+  assert "| +0.1600 | +0.1600, +0.1600 | " in (tmp_path / "README.md").read_text()
   trained.clear()
   readme_path = tmp_path / "README.md"
   hand = "## Reading (by hand, today)\n\nadam_lazy ties adam_dense.\n"

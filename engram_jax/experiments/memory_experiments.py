@@ -378,13 +378,14 @@ def readme(results: dict) -> str:
            f"Training wall time over all points: {results['train_wall_s'] / 60:.1f} min "
            f"({len(results['runs'])} runs, tokens per run {results['tokens_per_run']}).", "",
            f"Pooled seed std: {pooled:.4f} ({s['pooled_dof']} dof)" if pooled else "Pooled seed std: n/a (one seed)",
-           "", f"| point | params | mean val loss | std | n | gap to {s['reference']} | gap / seed std |",
-           "|---|---|---|---|---|---|---|"]
+           "", f"| point | params | mean val loss | std | n | gap to {s['reference']} | paired by seed | "
+           "gap / seed std |", "|---|---|---|---|---|---|---|---|"]
   for name, p in s["points"].items():
     gap = p.get("gap")
     units = p.get("gap_in_seed_std")
+    paired = ", ".join(f"{g:+.4f}" for g in p.get("paired_gaps", []))
     lines.append(f"| {name} | {p['params'] or ''} | {p['mean_val_loss']:.4f} | {p['std_val_loss']:.4f} | {p['n']} | "
-                 f"{'' if gap is None else f'{gap:+.4f}'} | {'' if units is None else f'{units:+.2f}'} |")
+                 f"{'' if gap is None else f'{gap:+.4f}'} | {paired} | {'' if units is None else f'{units:+.2f}'} |")
   if results.get("fits"):
     lines += ["", "Log-linear fits (loss = a + b ln slots, all seeds):", "",
               "| variant | slope per doubling | slope se (per e-fold) | R^2 | n |", "|---|---|---|---|---|"]
