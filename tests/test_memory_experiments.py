@@ -85,6 +85,26 @@ def test_summary_gaps_in_seed_std_units_and_paired_by_seed():
   assert p["gap_z"] == pytest.approx(0.2 / (pooled * math.sqrt(1 / 2 + 1 / 2)))
 
 
+def test_summary_gap_of_a_point_missing_a_seed_is_over_the_shared_seeds():
+  def run(point, seed, loss):
+    return {"point": point, "seed": seed, "train": {"final_val_loss": loss}, "params": {"total": 1}}
+
+  # seed 1 is 0.2 lower for every point; no_conv has only seed 0 so far and equals full there
+  runs = [run("full", 0, 3.2), run("full", 1, 3.0), run("no_conv", 0, 3.2), run("no_gate", 0, 3.3),
+          run("no_gate", 1, 3.1)]
+  s = me.summarise(runs, "full")
+  pooled = s["pooled_seed_std"]
+  nc, ng = s["points"]["no_conv"], s["points"]["no_gate"]
+  assert nc["gap"] == pytest.approx(0.0) and nc["gap_seeds"] == 1  # not 3.2 - mean(3.2, 3.0) = +0.1
+  assert nc["gap_z"] == pytest.approx(0.0)
+  assert ng["gap"] == pytest.approx(0.1) and ng["gap_seeds"] == 2
+  assert ng["gap_z"] == pytest.approx(0.1 / (pooled * math.sqrt(2 / 2)))
+  no_shared = me.summarise([run("full", 0, 3.2), run("full", 1, 3.0), run("no_conv", 2, 3.4)], "full")
+  p = no_shared["points"]["no_conv"]  # no seed in common: the difference of the means
+  assert p["gap"] == pytest.approx(0.3) and p["gap_seeds"] == 0
+  assert p["gap_z"] == pytest.approx(0.3 / (no_shared["pooled_seed_std"] * math.sqrt(1 + 1 / 2)))
+
+
 def test_loglinear_fit_matches_numpy_polyfit():
   rng = np.random.default_rng(0)
   x = np.repeat([1e3, 4e3, 16e3, 64e3], 2)
@@ -211,7 +231,8 @@ def test_table_optimizer_plan_changes_only_the_table_optimizer_and_writes_result
                           command="test", log=lambda s: None)
   assert trained == [] and res["not_finished"] == ["adam_lazy_seed1", "adagrad_rowwise_seed0",
                                                     "adagrad_rowwise_seed1"]
-  assert res["summary"]["points"]["adam_lazy"]["gap"] == pytest.approx(0.0)  # 6.25 - mean(6.24, 6.26)
+  assert res["summary"]["points"]["adam_lazy"]["gap"] == pytest.approx(0.01)  # 6.25 - 6.24: seed 0 alone
+  assert "Gaps are over the seeds a point shares with adam_dense" in (partial / "README.md").read_text()
   assert "Not finished (left out of this report): adam_lazy_seed1" in (partial / "README.md").read_text()
   with pytest.raises(ValueError, match="no finished run"):
     me.run_experiment(dataclasses.replace(exp, report_only=True), run, str(tmp_path / "empty"),

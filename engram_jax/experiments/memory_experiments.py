@@ -147,8 +147,13 @@ def reference_name(exp: ExperimentConfig) -> str:
 
 
 def summarise(runs: Sequence[dict], reference: str) -> dict:
-  """Per point: mean and sample std over seeds; pooled seed std; each point's gap to `reference` (mean, paired by
-  seed, and in pooled-seed-std units: gap / pooled std, z = gap / (pooled std * sqrt(1/n + 1/n_ref)))."""
+  """Per point: mean and sample std over seeds; pooled seed std; each point's gap to `reference` (paired by seed,
+  and in pooled-seed-std units: gap / pooled std, z = gap / (pooled std * sqrt(2/k))).
+
+  The gap is the mean of the paired gaps over the k seeds the point shares with `reference`, so a point that has
+  fewer seeds than the reference (a sweep still running) is not compared with other seeds' runs. With equal seed
+  sets it is the difference of the means. Without a shared seed it falls back to the difference of the means, with
+  z = gap / (pooled std * sqrt(1/n + 1/n_ref))."""
   names = list(dict.fromkeys(r["point"] for r in runs))
   points = {}
   for name in names:
@@ -165,12 +170,14 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
   for name, p in points.items():
     if ref is None or name == reference:
       continue
-    gap = p["mean_val_loss"] - ref["mean_val_loss"]
-    p["gap"] = gap
-    p["paired_gaps"] = [final_loss(r["train"]) - by_seed[r["seed"]] for r in runs
-                        if r["point"] == name and r["seed"] in by_seed]
+    paired = [final_loss(r["train"]) - by_seed[r["seed"]] for r in runs if r["point"] == name and r["seed"] in by_seed]
+    if paired:
+      gap, se_scale = sum(paired) / len(paired), math.sqrt(2 / len(paired))
+    else:
+      gap, se_scale = p["mean_val_loss"] - ref["mean_val_loss"], math.sqrt(1 / p["n"] + 1 / ref["n"])
+    p["gap"], p["paired_gaps"], p["gap_seeds"] = gap, paired, len(paired)
     p["gap_in_seed_std"] = gap / pooled if pooled else None
-    p["gap_z"] = gap / (pooled * math.sqrt(1 / p["n"] + 1 / ref["n"])) if pooled else None
+    p["gap_z"] = gap / (pooled * se_scale) if pooled else None
   return {"reference": reference, "pooled_seed_std": pooled, "pooled_dof": dof, "points": points}
 
 
@@ -380,6 +387,10 @@ def readme(results: dict) -> str:
            f"Pooled seed std: {pooled:.4f} ({s['pooled_dof']} dof)" if pooled else "Pooled seed std: n/a (one seed)",
            "", f"| point | params | mean val loss | std | n | gap to {s['reference']} | paired by seed | "
            "gap / seed std |", "|---|---|---|---|---|---|---|---|"]
+  ref_n = s["points"].get(s["reference"], {}).get("n", 0)
+  if any(0 < p.get("gap_seeds", 0) < max(p["n"], ref_n) for p in s["points"].values()):
+    lines[-2:-2] = [f"Gaps are over the seeds a point shares with {s['reference']} (the mean of its paired gaps); "
+                    "the mean val loss column is over all its seeds.", ""]
   for name, p in s["points"].items():
     gap = p.get("gap")
     units = p.get("gap_in_seed_std")
@@ -404,7 +415,7 @@ def readme(results: dict) -> str:
   for name, p in s["points"].items():
     if p.get("gap_in_seed_std") is not None:
       u = p["gap_in_seed_std"]
-      verdict = "inconclusive" if abs(u) < 2 else ("worse than" if u > 0 else "better than")
+      verdict = "inconclusive against" if abs(u) < 2 else ("worse than" if u > 0 else "better than")
       lines.append(f"- {name}: {verdict} {s['reference']} ({p['gap']:+.4f} nats, {u:+.1f} seed std)")
   return "\n".join(lines) + "\n"
 
