@@ -83,6 +83,9 @@ def test_summary_gaps_in_seed_std_units_and_paired_by_seed():
   assert p["gap"] == pytest.approx(0.2) and p["paired_gaps"] == pytest.approx([0.3, 0.1])
   assert p["gap_in_seed_std"] == pytest.approx(0.2 / pooled)
   assert p["gap_z"] == pytest.approx(0.2 / (pooled * math.sqrt(1 / 2 + 1 / 2)))
+  # the paired gaps 0.3, 0.1 spread by sqrt(0.02) over 1 dof; a 2-seed mean gap's se is that / sqrt(2)
+  assert s["paired_gap_std"] == pytest.approx(math.sqrt(0.02)) and s["paired_gap_dof"] == 1
+  assert p["gap_z_paired"] == pytest.approx(0.2 / (math.sqrt(0.02) / math.sqrt(2)))
 
 
 def test_summary_gap_of_a_point_missing_a_seed_is_over_the_shared_seeds():

@@ -148,7 +148,8 @@ def reference_name(exp: ExperimentConfig) -> str:
 
 def summarise(runs: Sequence[dict], reference: str) -> dict:
   """Per point: mean and sample std over seeds; pooled seed std; each point's gap to `reference` (paired by seed,
-  and in pooled-seed-std units: gap / pooled std, z = gap / (pooled std * sqrt(2/k))).
+  and in pooled-seed-std units: gap / pooled std, z = gap / (pooled std * sqrt(2/k))); the pooled std of the paired
+  gaps and each gap's z against it.
 
   The gap is the mean of the paired gaps over the k seeds the point shares with `reference`, so a point that has
   fewer seeds than the reference (a sweep still running) is not compared with other seeds' runs. With equal seed
@@ -178,7 +179,17 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
     p["gap"], p["paired_gaps"], p["gap_seeds"] = gap, paired, len(paired)
     p["gap_in_seed_std"] = gap / pooled if pooled else None
     p["gap_z"] = gap / (pooled * se_scale) if pooled else None
-  return {"reference": reference, "pooled_seed_std": pooled, "pooled_dof": dof, "points": points}
+  # The spread of the paired gaps, pooled over points with >= 2 shared seeds: a gap's noise once the shift that a seed
+  # gives every point alike (its init and data order) is removed. gap_z_paired = gap / (paired std / sqrt(k)).
+  spreads = [p["paired_gaps"] for p in points.values() if len(p.get("paired_gaps", [])) > 1]
+  paired_dof = sum(len(g) - 1 for g in spreads)
+  paired_std = math.sqrt(sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in spreads) / paired_dof) \
+      if paired_dof else None
+  for p in points.values():
+    if p.get("gap_seeds"):
+      p["gap_z_paired"] = p["gap"] / (paired_std / math.sqrt(p["gap_seeds"])) if paired_std else None
+  return {"reference": reference, "pooled_seed_std": pooled, "pooled_dof": dof, "paired_gap_std": paired_std,
+          "paired_gap_dof": paired_dof, "points": points}
 
 
 def summarise_with_params(runs: Sequence[dict], reference: str) -> dict:
@@ -385,8 +396,11 @@ def readme(results: dict) -> str:
            f"Training wall time over all points: {results['train_wall_s'] / 60:.1f} min "
            f"({len(results['runs'])} runs, tokens per run {results['tokens_per_run']}).", "",
            f"Pooled seed std: {pooled:.4f} ({s['pooled_dof']} dof)" if pooled else "Pooled seed std: n/a (one seed)",
+           "", f"Spread of the gaps paired by seed: {s['paired_gap_std']:.4f} ({s['paired_gap_dof']} dof; the last "
+           "column's z is a gap over it / sqrt(seeds))" if s.get("paired_gap_std") else
+           "Spread of the gaps paired by seed: n/a (no point with two seeds shared with the reference)",
            "", f"| point | params | mean val loss | std | n | gap to {s['reference']} | paired by seed | "
-           "gap / seed std |", "|---|---|---|---|---|---|---|---|"]
+           "gap / seed std | z (paired) |", "|---|---|---|---|---|---|---|---|---|"]
   ref_n = s["points"].get(s["reference"], {}).get("n", 0)
   if any(0 < p.get("gap_seeds", 0) < max(p["n"], ref_n) for p in s["points"].values()):
     lines[-2:-2] = [f"Gaps are over the seeds a point shares with {s['reference']} (the mean of its paired gaps); "
@@ -395,8 +409,10 @@ def readme(results: dict) -> str:
     gap = p.get("gap")
     units = p.get("gap_in_seed_std")
     paired = ", ".join(f"{g:+.4f}" for g in p.get("paired_gaps", []))
+    zp = p.get("gap_z_paired")
     lines.append(f"| {name} | {p['params'] or ''} | {p['mean_val_loss']:.4f} | {p['std_val_loss']:.4f} | {p['n']} | "
-                 f"{'' if gap is None else f'{gap:+.4f}'} | {paired} | {'' if units is None else f'{units:+.2f}'} |")
+                 f"{'' if gap is None else f'{gap:+.4f}'} | {paired} | {'' if units is None else f'{units:+.2f}'} | "
+                 f"{'' if zp is None else f'{zp:+.1f}'} |")
   if results.get("fits"):
     lines += ["", "Log-linear fits (loss = a + b ln slots, all seeds):", "",
               "| variant | slope per doubling | slope se (per e-fold) | R^2 | n |", "|---|---|---|---|---|"]
