@@ -146,6 +146,15 @@ def reference_name(exp: ExperimentConfig) -> str:
 # ------------------------------------------------------------------------------------------------ analysis
 
 
+def _pooled_within_std(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:
+  """Sample std within groups, pooled over the groups with >= 2 values: sqrt(sum of squared deviations from each
+  group's mean / dof), and dof = sum(len - 1). (None, 0) without such a group."""
+  groups = [g for g in groups if len(g) > 1]
+  dof = sum(len(g) - 1 for g in groups)
+  ss = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups)
+  return (math.sqrt(ss / dof) if dof else None), dof
+
+
 def summarise(runs: Sequence[dict], reference: str) -> dict:
   """Per point: mean and sample std over seeds; pooled seed std; each point's gap to `reference` (paired by seed,
   and in pooled-seed-std units: gap / pooled std, z = gap / (pooled std * sqrt(2/k))); the pooled std of the paired
@@ -164,8 +173,7 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
     first = next(r for r in runs if r["point"] == name)
     points[name] = {"mean_val_loss": mean, "std_val_loss": std, "n": len(losses), "val_losses": losses,
                     "slots": first.get("slots"), "variant": first.get("variant"), "params": first.get("params")}
-  dof = sum(p["n"] - 1 for p in points.values())
-  pooled = math.sqrt(sum((p["n"] - 1) * p["std_val_loss"] ** 2 for p in points.values()) / dof) if dof else None
+  pooled, dof = _pooled_within_std([p["val_losses"] for p in points.values()])
   ref = points.get(reference)
   by_seed = {r["seed"]: final_loss(r["train"]) for r in runs if r["point"] == reference}
   for name, p in points.items():
@@ -181,10 +189,7 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
     p["gap_z"] = gap / (pooled * se_scale) if pooled else None
   # The spread of the paired gaps, pooled over points with >= 2 shared seeds: a gap's noise once the shift that a seed
   # gives every point alike (its init and data order) is removed. gap_z_paired = gap / (paired std / sqrt(k)).
-  spreads = [p["paired_gaps"] for p in points.values() if len(p.get("paired_gaps", [])) > 1]
-  paired_dof = sum(len(g) - 1 for g in spreads)
-  paired_std = math.sqrt(sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in spreads) / paired_dof) \
-      if paired_dof else None
+  paired_std, paired_dof = _pooled_within_std([p.get("paired_gaps", []) for p in points.values()])
   for p in points.values():
     if p.get("gap_seeds"):
       p["gap_z_paired"] = p["gap"] / (paired_std / math.sqrt(p["gap_seeds"])) if paired_std else None
