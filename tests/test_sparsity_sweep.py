@@ -95,6 +95,44 @@ def test_analysis_gap_in_seed_std_units():
   assert flat["argmin_rho"] == 1.0 and not flat["interior_minimum"] and flat["best_hybrid"]["gap"] > 0
 
 
+def test_analysis_arms_of_the_u_paired_over_shared_seeds():
+  """A third seed at one rho only (seed 2, lucky: 0.04 below that rho's other seeds) must not move its gaps: every
+  gap is the mean over the seeds both rhos have. Hand-computed: the pooled std has 4 dof (1 + 1 + 2)."""
+  losses = {1.0: {0: 5.00, 1: 5.02}, 0.6: {0: 4.90, 1: 4.92}, 0.1: {0: 4.95, 1: 4.97, 2: 4.90}}
+  runs = [{"rho": rho, "seed": seed, "train": {"final_val_loss": x}}
+          for rho, xs in losses.items() for seed, x in xs.items()]
+  analysis = sweep_report.analyse(sweep_report.summarise(runs), runs)
+  pooled = np.sqrt((0.0002 + 0.0002 + np.var([4.95, 4.97, 4.90]) * 3) / 4)
+  assert analysis["pooled_seed_std"] == pytest.approx(pooled) and analysis["pooled_dof"] == 4
+  assert analysis["argmin_rho"] == 0.6 and analysis["interior_minimum"]
+  memory, moe = analysis["arms"]
+  assert memory["side"] == "memory" and memory["rho"] == 0.1 and memory["gap_seeds"] == 2
+  assert memory["gap"] == pytest.approx(0.05)  # not 4.94 - 4.91 = 0.03, the difference of the means
+  assert memory["paired_gaps"] == pytest.approx([0.05, 0.05])
+  assert memory["gap_in_seed_std"] == pytest.approx(0.05 / pooled)
+  assert memory["gap_z"] == pytest.approx(0.05 / (pooled * np.sqrt(2 / 2)))
+  assert moe["side"] == "moe" and moe["rho"] == 1.0 and moe["gap"] == pytest.approx(0.10)
+  assert not analysis["interior_minimum_resolved"]  # the memory arm is 1.8 seed std
+  to_moe = {g["rho"]: g for g in analysis["gaps"]}
+  assert to_moe[0.1]["gap"] == pytest.approx(-0.05) and to_moe[0.1]["gap_seeds"] == 2
+  assert "not resolved" in sweep_report.format_analysis(analysis)
+  # Both arms far above the seed noise: resolved.
+  runs = [r for r in runs if r["seed"] != 2]
+  for r in runs:
+    if r["rho"] == 0.1:
+      r["train"]["final_val_loss"] += 0.05
+  resolved = sweep_report.analyse(sweep_report.summarise(runs), runs)
+  assert resolved["arms"][0]["gap_in_seed_std"] == pytest.approx(0.10 / (np.sqrt(2) * 0.01))
+  assert resolved["interior_minimum_resolved"]
+  assert "resolved: both arms" in sweep_report.format_analysis(resolved)
+
+
+def test_paired_gap_without_a_shared_seed_is_the_difference_of_means():
+  gap = sweep_report.paired_gap([(0, 2.0), (1, 2.2)], [(2, 3.0)])
+  assert gap["seeds"] == 0 and gap["paired"] == []
+  assert gap["gap"] == pytest.approx(-0.9) and gap["se_scale"] == pytest.approx(np.sqrt(1 / 2 + 1))
+
+
 def test_mean_curves_average_seeds_at_shared_steps():
   runs = [{"rho": 0.8, "train": {"val_curve": [[0, 9.0], [5, 4.0], [10, 3.0]]}},
           {"rho": 0.8, "train": {"val_curve": [[0, 9.2], [10, 3.4]]}},  # e.g. a resumed run that skipped step 5

@@ -39,7 +39,7 @@ from engram_jax.experiments.sparsity_allocation import _default_train_fn, _jsona
 from engram_jax.experiments.sparsity_allocation import routing_stats
 from engram_jax.experiments.sparsity_allocation import software_versions
 from engram_jax.experiments import token_budgets
-from engram_jax.experiments.sweep_report import _figure, _save, final_loss
+from engram_jax.experiments.sweep_report import _figure, _save, final_loss, paired_gap, pooled_within_std
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.memory_variants import VARIANTS, memory_model
 from engram_jax.optim import TABLE_OPTIMIZERS
@@ -146,15 +146,6 @@ def reference_name(exp: ExperimentConfig) -> str:
 # ------------------------------------------------------------------------------------------------ analysis
 
 
-def _pooled_within_std(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:
-  """Sample std within groups, pooled over the groups with >= 2 values: sqrt(sum of squared deviations from each
-  group's mean / dof), and dof = sum(len - 1). (None, 0) without such a group."""
-  groups = [g for g in groups if len(g) > 1]
-  dof = sum(len(g) - 1 for g in groups)
-  ss = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups)
-  return (math.sqrt(ss / dof) if dof else None), dof
-
-
 def summarise(runs: Sequence[dict], reference: str) -> dict:
   """Per point: mean and sample std over seeds; pooled seed std; each point's gap to `reference` (paired by seed,
   and in pooled-seed-std units: gap / pooled std, z = gap / (pooled std * sqrt(2/k))); the pooled std of the paired
@@ -173,23 +164,19 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
     first = next(r for r in runs if r["point"] == name)
     points[name] = {"mean_val_loss": mean, "std_val_loss": std, "n": len(losses), "val_losses": losses,
                     "slots": first.get("slots"), "variant": first.get("variant"), "params": first.get("params")}
-  pooled, dof = _pooled_within_std([p["val_losses"] for p in points.values()])
+  pooled, dof = pooled_within_std([p["val_losses"] for p in points.values()])
   ref = points.get(reference)
-  by_seed = {r["seed"]: final_loss(r["train"]) for r in runs if r["point"] == reference}
+  ref_runs = [(r["seed"], final_loss(r["train"])) for r in runs if r["point"] == reference]
   for name, p in points.items():
     if ref is None or name == reference:
       continue
-    paired = [final_loss(r["train"]) - by_seed[r["seed"]] for r in runs if r["point"] == name and r["seed"] in by_seed]
-    if paired:
-      gap, se_scale = sum(paired) / len(paired), math.sqrt(2 / len(paired))
-    else:
-      gap, se_scale = p["mean_val_loss"] - ref["mean_val_loss"], math.sqrt(1 / p["n"] + 1 / ref["n"])
-    p["gap"], p["paired_gaps"], p["gap_seeds"] = gap, paired, len(paired)
-    p["gap_in_seed_std"] = gap / pooled if pooled else None
-    p["gap_z"] = gap / (pooled * se_scale) if pooled else None
+    g = paired_gap([(r["seed"], final_loss(r["train"])) for r in runs if r["point"] == name], ref_runs)
+    p["gap"], p["paired_gaps"], p["gap_seeds"] = g["gap"], g["paired"], g["seeds"]
+    p["gap_in_seed_std"] = g["gap"] / pooled if pooled else None
+    p["gap_z"] = g["gap"] / (pooled * g["se_scale"]) if pooled else None
   # The spread of the paired gaps, pooled over points with >= 2 shared seeds: a gap's noise once the shift that a seed
   # gives every point alike (its init and data order) is removed. gap_z_paired = gap / (paired std / sqrt(k)).
-  paired_std, paired_dof = _pooled_within_std([p.get("paired_gaps", []) for p in points.values()])
+  paired_std, paired_dof = pooled_within_std([p.get("paired_gaps", []) for p in points.values()])
   for p in points.values():
     if p.get("gap_seeds"):
       p["gap_z_paired"] = p["gap"] / (paired_std / math.sqrt(p["gap_seeds"])) if paired_std else None

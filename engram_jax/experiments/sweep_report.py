@@ -16,6 +16,30 @@ def final_loss(result: dict) -> float:
   raise KeyError(f"train result has no final validation loss; keys: {sorted(result)}")
 
 
+def pooled_within_std(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:
+  """Sample std within groups, pooled over the groups with >= 2 values: sqrt(sum of squared deviations from each
+  group's mean / dof), and dof = sum(len - 1). (None, 0) without such a group."""
+  groups = [g for g in groups if len(g) > 1]
+  dof = sum(len(g) - 1 for g in groups)
+  ss = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups)
+  return (math.sqrt(ss / dof) if dof else None), dof
+
+
+def paired_gap(a: Sequence[tuple[int | None, float]], b: Sequence[tuple[int | None, float]]) -> dict:
+  """Loss of a minus loss of b, from (seed, loss) pairs, over the k seeds both have: `gap` is the mean of the
+  per-seed differences (`paired`), and `se_scale` = sqrt(2/k) turns a one-run seed std into the gap's standard
+  error. Pairing keeps a seed's shift (its init and data order, shared by every point of that seed) out of the
+  gap when a and b have different seed sets. Without a shared seed: the difference of the means, se_scale
+  sqrt(1/n_a + 1/n_b)."""
+  b_by_seed = {seed: x for seed, x in b if seed is not None}
+  paired = [x - b_by_seed[seed] for seed, x in a if seed in b_by_seed]
+  if paired:
+    return {"gap": sum(paired) / len(paired), "paired": paired, "seeds": len(paired),
+            "se_scale": math.sqrt(2 / len(paired))}
+  mean = lambda xs: sum(x for _, x in xs) / len(xs)  # noqa: E731
+  return {"gap": mean(a) - mean(b), "paired": [], "seeds": 0, "se_scale": math.sqrt(1 / len(a) + 1 / len(b))}
+
+
 def summarise(runs: Sequence[dict]) -> list[dict]:
   """Per rho: mean and sample std of the final validation loss over seeds."""
   out = []
@@ -28,43 +52,45 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
 
 
 def analyse(summary: Sequence[dict], runs: Sequence[dict]) -> dict:
-  """The numbers a sweep is read by: where the minimum is, and how far the best hybrid is from pure MoE (rho = 1)
-  in units of the seed noise.
+  """The numbers a sweep is read by: where the minimum is, how far every hybrid is from pure MoE (rho = 1), and how
+  far each end of the grid is above the minimum (the two arms of the U), in units of the seed noise.
 
   `pooled_seed_std` pools the within-rho sample variances (each rho weighted by its n - 1 degrees of freedom).
-  For every hybrid rho: `gap` = mean loss - mean loss at rho = 1 (negative: the hybrid is better), `gap_in_seed_std`
-  = gap / pooled_seed_std, `gap_z` = gap / its standard error (pooled_seed_std * sqrt(1/n + 1/n_1)), and the paired
-  per-seed differences (all rhos of a seed see the same batches). `interior_minimum` is true when the lowest mean
-  is at neither end of the rho grid.
+  Every gap is paired by seed (all rhos of a seed see the same batches; see `paired_gap`): `gap` is the mean of
+  the per-seed differences over the shared seeds, `gap_in_seed_std` = gap / pooled_seed_std and `gap_z` = gap /
+  its standard error (pooled_seed_std * se_scale). `gaps` holds each hybrid minus rho = 1 (negative: the hybrid is
+  better). `interior_minimum` is true when the lowest mean is at neither end of the rho grid; `arms` then holds
+  each end minus the argmin (positive: the end is worse), and `interior_minimum_resolved` is true when both arms
+  are at least 3 pooled seed std.
   """
-  dof = sum(s["n"] - 1 for s in summary)
-  pooled = math.sqrt(sum((s["n"] - 1) * s["std_val_loss"] ** 2 for s in summary) / dof) if dof else None
+  pooled, dof = pooled_within_std([s["val_losses"] for s in summary])
   lowest = min(summary, key=lambda s: s["mean_val_loss"])
   rhos = [s["rho"] for s in summary]
-  out = {"pooled_seed_std": pooled, "pooled_dof": dof, "argmin_rho": lowest["rho"],
-         "interior_minimum": min(rhos) < lowest["rho"] < max(rhos), "gaps": [], "best_hybrid": None}
-  ref = next((s for s in summary if s["rho"] == 1.0), None)
-  if ref is None:
+  interior = min(rhos) < lowest["rho"] < max(rhos)
+  out = {"pooled_seed_std": pooled, "pooled_dof": dof, "argmin_rho": lowest["rho"], "interior_minimum": interior,
+         "gaps": [], "best_hybrid": None, "arms": [], "interior_minimum_resolved": False}
+  seeded = {rho: [(r.get("seed"), final_loss(r["train"])) for r in runs if r["rho"] == rho] for rho in rhos}
+
+  def gap(rho: float, ref: float) -> dict:
+    g = paired_gap(seeded[rho], seeded[ref])
+    return {"rho": rho, "gap": g["gap"], "gap_in_seed_std": g["gap"] / pooled if pooled else None,
+            "gap_z": g["gap"] / (pooled * g["se_scale"]) if pooled else None, "paired_gaps": g["paired"],
+            "gap_seeds": g["seeds"]}
+
+  if interior:
+    out["arms"] = [{**gap(end, lowest["rho"]), "side": side}
+                   for side, end in (("memory", min(rhos)), ("moe", max(rhos)))]
+    out["interior_minimum_resolved"] = bool(pooled) and all(a["gap_in_seed_std"] >= 3 for a in out["arms"])
+  if 1.0 not in seeded:
     return out
-  by_seed = {r["seed"]: final_loss(r["train"]) for r in runs if r["rho"] == 1.0 and "seed" in r}
-  for s in summary:
-    if s["rho"] == 1.0:
-      continue
-    gap = s["mean_val_loss"] - ref["mean_val_loss"]
-    paired = [final_loss(r["train"]) - by_seed[r["seed"]] for r in runs
-              if r["rho"] == s["rho"] and r.get("seed") in by_seed]
-    out["gaps"].append({
-        "rho": s["rho"], "gap": gap,
-        "gap_in_seed_std": gap / pooled if pooled else None,
-        "gap_z": gap / (pooled * math.sqrt(1 / s["n"] + 1 / ref["n"])) if pooled else None,
-        "paired_gaps": paired})
+  out["gaps"] = [gap(rho, 1.0) for rho in rhos if rho != 1.0]
   if out["gaps"]:
     out["best_hybrid"] = min(out["gaps"], key=lambda g: g["gap"])
   return out
 
 
 def format_analysis(analysis: dict) -> str:
-  """Two-line reading of `analyse`'s output for logs and READMEs."""
+  """A few lines reading `analyse`'s output, for logs and READMEs."""
   pooled = analysis["pooled_seed_std"]
   lines = [f"lowest mean loss at rho = {analysis['argmin_rho']:.3f} "
            f"({'interior minimum' if analysis['interior_minimum'] else 'no interior minimum'}); pooled seed std "
@@ -73,6 +99,13 @@ def format_analysis(analysis: dict) -> str:
   if best:
     units = f", {best['gap_in_seed_std']:+.2f} seed std, z {best['gap_z']:+.2f}" if pooled else ""
     lines.append(f"best hybrid rho = {best['rho']:.3f}: {best['gap']:+.4f} nats vs rho = 1{units}")
+  for arm in analysis.get("arms", []):
+    units = f", {arm['gap_in_seed_std']:+.2f} seed std, z {arm['gap_z']:+.2f}" if pooled else ""
+    lines.append(f"{arm['side']} arm: rho = {arm['rho']:.3f} is {arm['gap']:+.4f} nats above the minimum "
+                 f"(over {arm['gap_seeds']} paired seeds{units})")
+  if analysis.get("arms"):
+    lines.append("interior minimum " + ("resolved: both arms >= 3 seed std" if analysis["interior_minimum_resolved"]
+                                        else "not resolved: an arm is below 3 seed std"))
   return "\n".join(lines)
 
 
