@@ -155,10 +155,12 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
   fewer seeds than the reference (a sweep still running) is not compared with other seeds' runs. With equal seed
   sets it is the difference of the means. Without a shared seed it falls back to the difference of the means, with
   z = gap / (pooled std * sqrt(1/n + 1/n_ref))."""
-  names = list(dict.fromkeys(r["point"] for r in runs))
+  seeded = {}  # point -> [(seed, final loss)], in run order
+  for r in runs:
+    seeded.setdefault(r["point"], []).append((r["seed"], final_loss(r["train"])))
   points = {}
-  for name in names:
-    losses = [final_loss(r["train"]) for r in runs if r["point"] == name]
+  for name, pairs in seeded.items():
+    losses = [x for _, x in pairs]
     mean = sum(losses) / len(losses)
     std = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else 0.0
     first = next(r for r in runs if r["point"] == name)
@@ -166,11 +168,10 @@ def summarise(runs: Sequence[dict], reference: str) -> dict:
                     "slots": first.get("slots"), "variant": first.get("variant"), "params": first.get("params")}
   pooled, dof = pooled_within_std([p["val_losses"] for p in points.values()])
   ref = points.get(reference)
-  ref_runs = [(r["seed"], final_loss(r["train"])) for r in runs if r["point"] == reference]
   for name, p in points.items():
     if ref is None or name == reference:
       continue
-    g = paired_gap([(r["seed"], final_loss(r["train"])) for r in runs if r["point"] == name], ref_runs)
+    g = paired_gap(seeded[name], seeded[reference])
     p["gap"], p["paired_gaps"], p["gap_seeds"] = g["gap"], g["paired"], g["seeds"]
     p["gap_in_seed_std"] = g["gap"] / pooled if pooled else None
     p["gap_z"] = g["gap"] / (pooled * g["se_scale"]) if pooled else None
